@@ -1,0 +1,134 @@
+"""Voxel grids without Slicer: array order, IJK → RAS affines, slice axis and upscaling factor.
+
+Conventions (shared with ftddm_core.volume):
+* Slicer arrays (``slicer.util.arrayFromVolume``) are indexed [k, j, i]; NIfTI/ftddm arrays are (i, j, k).
+* An affine is the 4×4 voxel (i, j, k, 1) → RAS (mm) matrix, i.e. Slicer's IJKToRAS matrix and the NIfTI sform.
+* The engine's output grid keeps the direction and the origin of the LR grid (sample-aligned centred-FFT
+  zero-fill, see ftddm_core/volume.py) with in-plane spacing / s, s = model size / LR in-plane matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MODEL_SIZE = 64  # in-plane matrix of the engine's model grid
+FOV_RTOL = 1e-3  # equal fields of view (same tolerance as ftddm_core.volume)
+
+
+def kji_to_ijk(array: np.ndarray) -> np.ndarray:
+    """Slicer [k, j, i(, c)] array → NIfTI (i, j, k(, c)) order (a view; no copy)."""
+    array = np.asarray(array)
+    if array.ndim not in (3, 4):
+        raise ValueError(f"expected a 3D [k, j, i] or 4D [k, j, i, c] array, got shape {array.shape}")
+    return np.transpose(array, (2, 1, 0) + ((3,) if array.ndim == 4 else ()))
+
+
+def ijk_to_kji(array: np.ndarray) -> np.ndarray:
+    """NIfTI (i, j, k(, c)) array → Slicer [k, j, i(, c)] order (the transpose is its own inverse)."""
+    return kji_to_ijk(array)
+
+
+def check_affine(affine, name: str = "affine") -> np.ndarray:
+    """A finite, invertible 4×4 voxel → RAS matrix with last row (0, 0, 0, 1), as float64."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"{name}: expected a 4×4 matrix, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    if not np.allclose(a[3], (0, 0, 0, 1)):
+        raise ValueError(f"{name}: expected last row (0, 0, 0, 1), got {a[3].tolist()}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"{name}: expected an invertible voxel → RAS matrix (zero spacing or collinear axes)")
+    return a
+
+
+def world_affine(ijk_to_ras, parent_to_world=None) -> np.ndarray:
+    """IJK → world RAS of a volume under a linear parent transform (the transform applies after IJKToRAS)."""
+    a = check_affine(ijk_to_ras, "IJKToRAS")
+    if parent_to_world is None:
+        return a
+    return check_affine(parent_to_world, "parent transform to world") @ a
+
+
+def lps_to_ras(affine) -> np.ndarray:
+    """Flip an affine between LPS (ITK) and RAS (Slicer, NIfTI): negate the x and y rows."""
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ check_affine(affine)
+
+
+def spacing(affine) -> np.ndarray:
+    """Voxel size along i, j, k: the column norms of the 3×3 part."""
+    return np.linalg.norm(check_affine(affine)[:3, :3], axis=0)
+
+
+def direction(affine) -> np.ndarray:
+    """Unit direction (RAS) of each voxel axis, as columns."""
+    a = check_affine(affine)
+    return a[:3, :3] / spacing(a)
+
+
+def voxel_to_ras(affine, ijk) -> np.ndarray:
+    """RAS position of voxel index/indices (..., 3)."""
+    a = check_affine(affine)
+    ijk = np.asarray(ijk, dtype=np.float64)
+    return ijk @ a[:3, :3].T + a[:3, 3]
+
+
+def _inplane(axis: int) -> tuple[int, int]:
+    if axis not in (0, 1, 2):
+        raise ValueError(f"slice axis must be 0, 1 or 2, got {axis!r}")
+    return tuple(a for a in range(3) if a != axis)
+
+
+def detect_slice_axis(shape, affine) -> int:
+    """The through-slab voxel axis of an MRSI grid, by ftddm_core's rule applied in order:
+    square in-plane matrix, then equal in-plane fields of view, then the axis closest to superior."""
+    shape = tuple(int(n) for n in shape[:3])
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"expected a 3D shape, got {shape}")
+    fov = np.asarray(shape) * spacing(affine)
+    candidates = [0, 1, 2]
+    tests = (
+        lambda a: shape[_inplane(a)[0]] == shape[_inplane(a)[1]],
+        lambda a: math.isclose(fov[_inplane(a)[0]], fov[_inplane(a)[1]], rel_tol=FOV_RTOL),
+    )
+    for test in tests:
+        passing = [a for a in candidates if test(a)]
+        if len(passing) == 1:
+            return passing[0]
+        if passing:
+            candidates = passing
+    superior = np.abs(direction(affine)[2, candidates])
+    return candidates[int(np.argmax(superior))]
+
+
+def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE, slice_axis: int = -1) -> tuple[int, int, float]:
+    """(slice axis, LR in-plane matrix m, factor s = model_size / m) the engine will use for this grid.
+
+    A non-square in-plane matrix with equal fields of view is zero-padded in k-space to the larger size first.
+    """
+    axis = detect_slice_axis(shape, affine) if slice_axis < 0 else int(slice_axis)
+    m = max(int(shape[a]) for a in _inplane(axis))
+    if m > model_size:
+        raise ValueError(f"in-plane matrix {m} is larger than the {model_size}×{model_size} model grid; "
+                         "expected a low-resolution MRSI map")
+    return axis, m, model_size / m
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, rtol: float = 1e-4) -> bool:
+    """True if two volumes share dimensions and voxel → RAS geometry (to rtol of the voxel size)."""
+    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
+        return False
+    a, b = check_affine(affine_a), check_affine(affine_b)
+    tol = rtol * float(np.max(spacing(a)))
+    return bool(np.allclose(a[:3, :3], b[:3, :3], atol=tol) and np.allclose(a[:3, 3], b[:3, 3], atol=tol))
+
+
+def slice_centre_ras(shape, affine, axis: int, index: int) -> np.ndarray:
+    """RAS position of the centre of slice `index` along voxel axis `axis` (used to jump views to a slice)."""
+    shape = tuple(int(n) for n in shape[:3])
+    if not 0 <= index < shape[axis]:
+        raise ValueError(f"slice index {index} outside 0 … {shape[axis] - 1}")
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    centre[axis] = index
+    return voxel_to_ras(affine, centre)

@@ -1,0 +1,96 @@
+"""Array order, affines, slice axis and upscaling factor — checked against ftddm_core.volume (the engine)."""
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from MRSISuperResolutionLib import geometry
+
+
+def random_affine(rng, spacing=None, oblique=True):
+    rot = Rotation.random(random_state=rng.integers(1 << 30)).as_matrix() if oblique else np.eye(3)
+    a = np.eye(4)
+    a[:3, :3] = rot * (spacing if spacing is not None else rng.uniform(0.5, 15, 3))
+    a[:3, 3] = rng.uniform(-100, 100, 3)
+    return a
+
+
+def test_slicer_order_round_trip_matches_voxel_indexing():
+    rng = np.random.default_rng(0)
+    kji = rng.random((4, 5, 6))
+    ijk = geometry.kji_to_ijk(kji)
+    assert ijk.shape == (6, 5, 4)
+    assert ijk[5, 1, 2] == kji[2, 1, 5]  # voxel (i, j, k) = (5, 1, 2)
+    np.testing.assert_array_equal(geometry.ijk_to_kji(ijk), kji)
+    assert geometry.kji_to_ijk(rng.random((2, 3, 4, 7))).shape == (4, 3, 2, 7)
+    with pytest.raises(ValueError, match="3D"):
+        geometry.kji_to_ijk(np.zeros((3, 3)))
+
+
+def test_world_affine_applies_parent_after_ijk_to_ras():
+    rng = np.random.default_rng(1)
+    ijk_to_ras, parent = random_affine(rng), random_affine(rng, spacing=np.ones(3))
+    world = geometry.world_affine(ijk_to_ras, parent)
+    p = np.array([3.0, 1.0, 2.0, 1.0])
+    np.testing.assert_allclose(world @ p, parent @ (ijk_to_ras @ p))
+    np.testing.assert_array_equal(geometry.world_affine(ijk_to_ras), ijk_to_ras)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.eye(3), "4×4"), (np.diag([1, 1, 0, 1.0]), "invertible"),
+    (np.full((4, 4), np.nan), "finite"), (np.ones((4, 4)), "last row")])
+def test_check_affine_rejects_bad_matrices(bad, message):
+    with pytest.raises(ValueError, match=message):
+        geometry.check_affine(bad)
+
+
+def test_lps_ras_flip_is_an_involution_and_negates_x_y():
+    a = random_affine(np.random.default_rng(2))
+    flipped = geometry.lps_to_ras(a)
+    np.testing.assert_allclose(flipped[:2], -a[:2])
+    np.testing.assert_allclose(flipped[2:], a[2:])
+    np.testing.assert_allclose(geometry.lps_to_ras(flipped), a)
+
+
+SHAPES = [(16, 16, 10), (10, 16, 16), (16, 10, 16), (16, 16, 16), (24, 16, 8), (32, 32, 1), (12, 12, 12), (8, 16, 6)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_slice_axis_and_factor_agree_with_the_engine(shape):
+    vol = pytest.importorskip("ftddm_core.volume")
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(6):
+        spacing = rng.choice([3.4, 6.8, 10.0, 13.6], 3)
+        if trial % 2 == 0 and shape[0] != shape[1]:  # equal in-plane FOVs with a non-square matrix
+            spacing[1] = spacing[0] * shape[0] / shape[1]
+        affine = random_affine(rng, spacing=spacing, oblique=trial > 1)
+        engine = vol.Volume(np.ones(shape, np.float32), affine)
+        axis = geometry.detect_slice_axis(shape, affine)
+        assert axis == vol.slice_axis(engine)
+        inplane = [a for a in range(3) if a != axis]
+        fovs = [shape[a] * spacing[a] for a in inplane]
+        if max(shape[a] for a in inplane) <= 64 and np.isclose(fovs[0], fovs[1], rtol=1e-3):
+            square = vol.squarify_inplane(engine, axis)
+            grid = vol.target_grid(square, axis, 64, force=True)
+            assert geometry.detect_upscaling_factor(shape, affine)[1:] == (grid.lr_matrix, grid.factor)
+
+
+def test_factor_rejects_high_resolution_inputs_and_honours_override():
+    assert geometry.detect_upscaling_factor((16, 16, 8), np.eye(4)) == (2, 16, 4.0)
+    assert geometry.detect_upscaling_factor((16, 16, 8), np.eye(4), slice_axis=0) == (0, 16, 4.0)
+    with pytest.raises(ValueError, match="larger than"):
+        geometry.detect_upscaling_factor((128, 128, 4), np.eye(4))
+    with pytest.raises(ValueError, match="slice axis"):
+        geometry.detect_upscaling_factor((16, 16, 8), np.eye(4), slice_axis=3)
+
+
+def test_same_grid_and_slice_centre():
+    a = random_affine(np.random.default_rng(3))
+    assert geometry.same_grid((8, 8, 4), a, (8, 8, 4), a + 1e-9)
+    assert not geometry.same_grid((8, 8, 4), a, (8, 8, 5), a)
+    shifted = a.copy()
+    shifted[:3, 3] += 0.5
+    assert not geometry.same_grid((8, 8, 4), a, (8, 8, 4), shifted)
+    centre = geometry.slice_centre_ras((8, 6, 4), a, 2, 3)
+    np.testing.assert_allclose(centre, a[:3, :3] @ [3.5, 2.5, 3] + a[:3, 3])
+    with pytest.raises(ValueError, match="outside"):
+        geometry.slice_centre_ras((8, 6, 4), a, 2, 4)

@@ -1,0 +1,334 @@
+"""`ftddm evaluate`: k-space consistency, sharpness, aggregation, Wilcoxon pairing, calibration, the re-noised
+start (oracle network), and the whole command end to end on a tiny phantom with tiny models (cache reuse,
+skipped methods, clear errors). The metric functions themselves are checked against scikit-image in test_metrics.
+"""
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, wilcoxon
+
+from ftddm_core import evaluate as ev
+from ftddm_core import kspace
+from ftddm_core.cli import main
+from ftddm_core.config import preset
+from ftddm_core.flow import ConditionalFlow
+from ftddm_core.model import FTDDM
+from ftddm_core.schedule import DiffusionSchedule
+from ftddm_core.unet import UNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CI machine has 2 shared cores: keep this file's torch work on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- k-space consistency and sharpness ------------------------------------------------------------------
+def lr_of(hr, m):
+    return np.abs(kspace.downsample(hr, m))
+
+
+@pytest.mark.parametrize("m", [8, 9, 16])
+def test_kspace_error_equals_the_image_domain_error_by_parseval(m):
+    rng = np.random.default_rng(m)
+    hr, out = rng.random((64, 64)), rng.random((64, 64))
+    lr, norm = lr_of(hr, m), 1.7
+    # orthonormal FFT: the central block of K(out) equals (64/m)·K(downsample(out, m)), so the k-space norm
+    # ratio is the image-domain ratio on the m×m grid
+    expected = np.linalg.norm(kspace.downsample(out, m) - lr / norm) / np.linalg.norm(lr / norm)
+    assert ev.kspace_consistency_error(out, lr, norm) == pytest.approx(expected, rel=1e-10)
+
+
+def test_kspace_error_zero_for_the_measurement_one_for_nothing_and_blind_to_high_frequencies():
+    rng = np.random.default_rng(0)
+    m, norm = 15, 2.0  # odd m: the zero-filled real LR map is real (Hermitian block)
+    lr = lr_of(rng.random((64, 64)), m)
+    consistent = kspace.zero_fill(lr, 64).real / norm
+    assert ev.kspace_consistency_error(consistent, lr, norm) < 1e-12
+    assert ev.kspace_consistency_error(np.zeros((64, 64)), lr, norm) == pytest.approx(1.0)
+    stripes = np.cos(2 * np.pi * 20 * np.arange(64) / 64)[None, :] * np.ones((64, 1))  # k = ±20 ∉ centre 15
+    assert ev.kspace_consistency_error(consistent + stripes, lr, norm) < 1e-12
+    low = np.cos(2 * np.pi * 3 * np.arange(64) / 64)[None, :] * np.ones((64, 1))  # k = ±3 inside the block
+    assert ev.kspace_consistency_error(consistent + low, lr, norm) > 0.1
+    with pytest.raises(ValueError, match="square 2D LR"):
+        ev.kspace_consistency_error(consistent, lr[:, :5], norm)
+
+
+def test_sharpness_measures():
+    rng = np.random.default_rng(1)
+    gt = rng.random((64, 64))
+    mask = np.zeros((64, 64), bool)
+    mask[8:56, 8:56] = True
+    assert ev.gradient_ratio(gt, 2 * gt, mask) == pytest.approx(2.0)
+    assert ev.high_frequency_ratio(gt, gt, 16) == pytest.approx(1.0)
+    # a low-pass image has no energy outside the kept block
+    assert ev.high_frequency_ratio(gt, kspace.low_pass(gt, 15).real, 15) < 1e-20
+    assert ev.gradient_ratio(gt, kspace.low_pass(gt, 15).real, mask) < 0.8
+
+
+# --- aggregation, Wilcoxon pairing, calibration -------------------------------------------------------
+def test_aggregate_is_mean_and_std_of_finite_values_per_group():
+    rows = [{"method": "a", "x": 1.0}, {"method": "a", "x": 3.0}, {"method": "a", "x": float("nan")},
+            {"method": "b", "x": 2.0}, {"method": "b", "x": float("inf")}, {"method": "b", "x": 6.0}]
+    agg = {r["method"]: r for r in ev.aggregate(rows, ["method"], ["x"])}
+    assert agg["a"]["n"] == 3 and agg["a"]["x_mean"] == 2.0 and agg["a"]["x_std"] == pytest.approx(np.std([1, 3]))
+    assert agg["b"]["x_mean"] == 4.0 and agg["b"]["x_std"] == pytest.approx(2.0)
+    assert ev.finite_stats([float("nan")]) [2] == 0
+
+
+def per_map_rows(method, values, order):
+    return [{"method": method, "scale": 4.0, "patient": f"p{i % 3}", "slice": i // 3, "metabolite": "NAA",
+             "ssim": values[i], "psnr": 10 * values[i], "nrmse": 1 - values[i]} for i in order]
+
+
+def test_wilcoxon_pairs_maps_by_identity_not_by_position():
+    rng = np.random.default_rng(3)
+    ref = rng.random(12)
+    other = ref - np.linspace(-0.02, 0.1, 12)  # mostly worse, increasingly so
+    rows = per_map_rows("ftddm_dpmpp_10", ref, range(12)) + per_map_rows("x", other, rng.permutation(12))
+    table = {t["metric"]: t for t in ev.wilcoxon_table(rows)}
+    assert set(table) == {"ssim", "psnr", "nrmse"}
+    expected = wilcoxon(ref, other)
+    assert table["ssim"]["n"] == 12
+    assert table["ssim"]["p_value"] == pytest.approx(expected.pvalue)
+    assert table["ssim"]["statistic"] == pytest.approx(expected.statistic)
+    assert table["ssim"]["median_difference"] == pytest.approx(np.median(ref - other))
+    shuffled = np.array([r["ssim"] for r in rows[12:]])
+    assert wilcoxon(ref, shuffled).pvalue != pytest.approx(expected.pvalue)  # positional pairing would differ
+
+
+def test_wilcoxon_edge_cases():
+    same = ev.paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0}, {("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0})
+    assert same["p_value"] == 1.0 and same["n"] == 2
+    partial = ev.paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): np.inf}, {("a", 0, "m"): 0.5})
+    assert partial["n"] == 1
+    assert ev.paired_wilcoxon({}, {})["n"] == 0
+
+
+def test_calibration_of_a_calibrated_std():
+    rng = np.random.default_rng(4)
+    std = rng.uniform(0.1, 1.0, 40_000)
+    err = np.abs(rng.normal(0.0, std))  # |N(0, σ)|: RMSE in a bin = its σ
+    cal = ev.calibration(err, std)
+    assert cal["pearson"] == pytest.approx(pearsonr(std, err)[0])
+    assert cal["pearson"] > 0.3 and len(cal["bins"]) == ev.CALIBRATION_BINS
+    assert sum(b["count"] for b in cal["bins"]) == std.size
+    for b in cal["bins"]:
+        assert b["rmse"] == pytest.approx(b["std_mean"], rel=0.06)
+    flat = ev.calibration(err, np.zeros_like(err))
+    assert np.isnan(flat["pearson"]) and len(flat["bins"]) == 1
+
+
+def test_parsing_and_scale_checks():
+    assert ev.parse_scales("8,4,2") == (8.0, 4.0, 2.0)
+    assert ev.lr_size_for(6.4) == 10
+    with pytest.raises(ValueError, match="whole number"):
+        ev.lr_size_for(3)
+    with pytest.raises(ValueError, match="positive numbers"):
+        ev.parse_scales("8,-4")
+    assert ev.parse_names("none", ev.STUDIES, "studies") == ()
+    assert ev.parse_names("all", ev.STUDIES, "studies") == ev.STUDIES
+    with pytest.raises(ValueError, match="unknown method"):
+        ev.parse_names("ddpm_full,magic", ev.METHOD_NAMES, "method(s)")
+
+
+# --- the re-noised flow start with an oracle network --------------------------------------------------
+def oracle_bundle(target, t_trunc=100):
+    """A model whose flow mode is √ᾱ_Ttrunc·target and whose UNet predicts the exact ε for that target."""
+    schedule = DiffusionSchedule.cosine(1000)
+    config = preset("tiny")
+    config.diffusion.t_trunc = t_trunc
+    a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+
+    def unet(x, t, cond, scale):
+        ab = a[t].reshape(-1, 1, 1, 1)
+        return (x - ab.sqrt() * target[: len(x)]) / (1 - ab).sqrt()
+
+    flow = SimpleNamespace(sample=lambda cond, tau, generator=None: a[t_trunc].sqrt() * target[: len(cond)])
+    return SimpleNamespace(unet=unet, flow=flow, schedule=schedule, config=config)
+
+
+def oracle_inputs(batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.rand(batch, 4, size, size, generator=g)
+    cond[:, 1] = (cond[:, 1] > 0.3).float()
+    target = torch.rand(batch, 1, size, size, generator=g) * 1.5 * cond[:, 1:2]
+    return cond, target
+
+
+@pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 1, 51), ("dpmpp", 10, 11)])
+def test_renoised_start_with_an_oracle_returns_the_target(sampler, steps, nfe):
+    cond, target = oracle_inputs()
+    model = oracle_bundle(target)
+    res = ev.sample_renoised(model, cond, 4.0, 50, sampler=sampler, steps=steps, n_samples=2,
+                             generator=torch.Generator().manual_seed(1))
+    assert res.nfe == nfe
+    torch.testing.assert_close(res.mean, target, atol=1e-4, rtol=1e-4)
+    assert float(res.std.max()) < 1e-4
+
+
+def test_renoised_start_is_the_forward_process_from_the_flow_estimate():
+    cond, target = oracle_inputs(batch=1, size=64, seed=2)
+    model = oracle_bundle(target)
+    seen = []
+    ev.sample_renoised(model, cond, 4.0, 50, sampler="dpmpp", steps=5, generator=torch.Generator().manual_seed(3),
+                       callback=lambda info: seen.append(info["x"].clone()))
+    ab = float(model.schedule.alphas_cumprod[50])
+    x0_flow = target  # flow mode / √ᾱ_100 = target (already in the clip range and masked)
+    eps = (seen[0] - ab ** 0.5 * x0_flow) / (1 - ab) ** 0.5
+    inside = cond[:, 1:2] > 0
+    assert float(eps[~inside].abs().max()) == 0.0  # ε ⊙ M
+    assert abs(float(eps[inside].mean())) < 0.06 and abs(float(eps[inside].std()) - 1) < 0.06
+    with pytest.raises(ValueError, match="re-noised start"):
+        ev.sample_renoised(model, cond, 4.0, 150)
+
+
+# --- the command end to end ----------------------------------------------------------------------------
+def micro_model(kind="ftddm", num_timesteps=1000, t_trunc=20, seed=0):
+    """FTDDM(preset('tiny')) made smaller and faster for CI: 4 channels, no attention; small random weights."""
+    config = preset("tiny")
+    config.kind = kind
+    config.unet.channels, config.unet.attention_resolutions, config.unet.norm_groups = (4, 4, 4, 4), (), 4
+    config.diffusion.num_timesteps, config.diffusion.t_trunc = num_timesteps, t_trunc
+    torch.manual_seed(seed)
+    model = FTDDM(config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_models")
+    return {"main": micro_model().save(root / "ftddm.safetensors"),
+            # full-chain model: small T keeps the 'DDPM full chain' cheap in CI
+            "ddpm": micro_model(num_timesteps=101, t_trunc=100, seed=5).save(root / "ddpm.safetensors"),
+            "regression": micro_model(kind="regression", seed=7).save(root / "regression.safetensors")}
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class CallCounter:
+    """Counts UNet and flow network calls (wrapping, not replacing, the real forward passes)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for cls, name in ((UNet, "forward"), (ConditionalFlow, "inverse")):
+            original = getattr(cls, name)
+
+            def wrapped(module, *args, _original=original, **kwargs):
+                self.calls += 1
+                return _original(module, *args, **kwargs)
+
+            monkeypatch.setattr(cls, name, wrapped)
+
+
+def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report"
+    base = ["evaluate", "--data", str(tiny_dataset), "--model", str(models["main"]), "--out", str(out),
+            "--max-slices", "2", "--samples", "2", "--device", "cpu"]
+    argv = base + ["--ddpm-model", str(models["ddpm"]), "--regression-model", str(models["regression"]),
+                   "--scales", "8,4", "--progress-lines"]
+    counter = CallCounter(monkeypatch)
+    assert main(argv) == 0
+    first_calls = counter.calls
+    assert first_calls > 0
+    err = capsys.readouterr().err
+    assert "PROGRESS" in err and "metrics and report" in err
+
+    report = (out / "report.md").read_text()
+    for section in ("## Data and models", "## Headline: fast FTDDM vs full-chain DDPM", "## Methods",
+                    "## Wilcoxon signed-rank tests", "### τ_d sweep", "### Conditioned vs actual upscaling factor",
+                    "### Truncation index", "### Uncertainty calibration", "## Qualitative panels",
+                    "## Notes: what is approximate"):
+        assert section in report, section
+    assert "**Answer: no.**" in report or "**Answer: yes.**" in report
+    assert "re-noised flow start" in report and "LPIPS skipped" in report
+    assert "`ftddm_anc_100`: starts at index 100, above the flow's index Ttrunc = 20" in report
+
+    methods = read_csv(out / "methods.csv")
+    names = {r["method"] for r in methods}
+    assert names == set(ev.METHOD_NAMES) - {"ftddm_anc_100", "ftddm_anc_50", "ftddm_dpmpp_50"}
+    assert len(methods) == 2 * len(names)
+    by = {(r["method"], float(r["scale"])): r for r in methods}
+    assert by[("ftddm_dpmpp_10", 8.0)]["nfe"] == "11" and by[("ddpm_full", 8.0)]["nfe"] == "101"
+    assert by[("flow_only", 4.0)]["nfe"] == "0" and by[("flow_only", 4.0)]["flow_passes"] == "1"
+    assert by[("regression", 4.0)]["nfe"] == "1" and by[("zero_filled", 4.0)]["parameters"] == "0"
+    per_map = read_csv(out / "per_map.csv")
+    assert len(per_map) == 2 * len(methods)
+    # the zero-filled row is recomputable from the data alone: check one map against scikit-image's SSIM
+    from skimage.metrics import structural_similarity
+
+    data = ev.load_test_maps(tiny_dataset, ev.test_split(tiny_dataset, 0, 0)[1], (4.0,), 2)[4.0]
+    zf = np.abs(kspace.zero_fill(data.lr[0], 64)) / data.norm[0] * data.mask[0]
+    row = next(r for r in per_map if r["method"] == "zero_filled" and float(r["scale"]) == 4.0)
+    assert float(row["ssim"]) == pytest.approx(structural_similarity(data.gt[0], zf, data_range=float(
+        data.gt[0].max() - data.gt[0].min())), rel=1e-4)
+    assert {r["method"] for r in read_csv(out / "wilcoxon.csv")} == names - {"ftddm_dpmpp_10"}
+    tau = read_csv(out / "study_tau_d.csv")
+    assert sorted({float(r["tau_d"]) for r in tau}) == list(ev.TAU_D_VALUES)
+    assert len(read_csv(out / "study_scale_mismatch.csv")) == 4
+    assert {r["t_trunc"] for r in read_csv(out / "study_t_trunc.csv")} == {"0", "10", "20"}
+    assert read_csv(out / "study_calibration_bins.csv")
+    for png in ("quality_vs_nfe", "tau_d", "scale_mismatch", "t_trunc", "calibration", "panels_s8", "panels_s4"):
+        assert (out / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["jobs_from_cache"] == 0 and summary["headline"]["answer"] in ("yes", "no")
+
+    # a second run loads every output from the cache: no network call at all, identical metrics
+    n_cache = len(list((out / "cache").glob("*.npz")))
+    counter.calls = 0
+    assert main(argv) == 0
+    assert counter.calls == 0
+    summary2 = json.loads((out / "summary.json").read_text())
+    assert summary2["jobs_from_cache"] == summary2["jobs"] == summary["jobs"] == n_cache
+    assert read_csv(out / "per_map.csv") == per_map
+    # … while anything that changes the outputs (here the seed) is recomputed
+    assert main(base + ["--scales", "4", "--methods", "ftddm_dpmpp_10", "--studies", "none", "--seed", "1"]) == 0
+    assert counter.calls > 0
+
+
+def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--data", str(tiny_dataset), "--model", str(models["main"]), "--out", str(out),
+               "--ddpm-model", str(models["main"]), "--scales", "4", "--max-slices", "1", "--samples", "1",
+               "--methods", "zero_filled,regression,ddpm_full,ftddm_dpmpp_10", "--studies", "calibration",
+               "--device", "cpu"])
+    assert rc == 0
+    assert "not evaluated" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "UNet was trained on t ∈ [0, 20] only" in report
+    assert "no --regression-model given" in report
+    assert "**Not answered**" in report
+    assert "needs --samples ≥ 2" in report
+    assert {r["method"] for r in read_csv(out / "methods.csv")} == {"zero_filled", "ftddm_dpmpp_10"}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--data": "missing"}, "not a folder"),
+    ({"--model": "missing.safetensors"}, "model file not found"),
+    ({"--model": "REGRESSION"}, "expected kind 'ftddm'"),
+    ({"--scales": "3"}, "whole number"),
+    ({"--methods": "ddpm_full,magic"}, "unknown method"),
+])
+def test_clear_errors(tiny_dataset, models, tmp_path, capsys, change, message):
+    args = {"--data": str(tiny_dataset), "--model": str(models["main"]), "--out": str(tmp_path / "r"),
+            "--scales": "4", "--methods": "zero_filled", "--studies": "none", "--device": "cpu"}
+    for k, v in change.items():
+        args[k] = str(models["regression"]) if v == "REGRESSION" else (
+            str(tmp_path / v) if k in ("--data", "--model") else v)
+    assert main(["evaluate", *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftddm evaluate: error:") and message in err

@@ -1,0 +1,66 @@
+"""Safetensors files with a JSON header: the only weight format ftddm reads (never pickles)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def check_safetensors_file(path: str | Path) -> Path:
+    """Refuse missing files and pickles before safetensors parses anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if any(head.startswith(m) for m in _PICKLE_MAGIC) or path.suffix in (".pt", ".pth", ".ckpt", ".pkl"):
+        raise ValueError(
+            f"{path} looks like a PyTorch pickle checkpoint; ftddm only loads .safetensors files because "
+            "unpickling a file can run arbitrary code. Convert it where you trust it (ftddm.model.save)."
+        )
+    if len(head) < 9 or head[8:9] != b"{":
+        raise ValueError(f"{path} is not a safetensors file (expected an 8-byte header length then JSON)")
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, with a clear error for corrupt or truncated files."""
+    path = check_safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be read as safetensors: {exc}") from exc
+    return tensors, metadata
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      *, overwrite: bool = False) -> Path:
+    """Write atomically (temp file in the same folder, then rename); refuse to replace unless overwrite."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite/--force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def json_metadata(**items) -> dict[str, str]:
+    """Metadata values as JSON strings (safetensors headers hold only str → str)."""
+    return {k: json.dumps(v) for k, v in items.items()}

@@ -1,0 +1,307 @@
+"""Super-resolve real volumes: geometry → model space → FTDDM sampling → volumes in physical units.
+
+The stable Python API used by the CLI, the Slicer module and console scripts is :func:`super_resolve`;
+:func:`run_super_resolve` adds file I/O, run reports and ratio maps for `ftddm super-resolve`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import kspace, prep, volume as vol
+from .device import autocast, generator as make_generator, resolve_device
+from .sampling import SAMPLERS
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class SuperResolveOptions:
+    """Sampling and geometry options (CLI flags are generated from these fields)."""
+
+    scale: float = 0.0  # conditioned upscaling factor s; 0 = detect from the LR matrix (64 / m)
+    tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm samplers): lower = smoother, higher PSNR
+    tau_f: float = 0.9  # flow temperature of the start point x_Ttrunc
+    sampler: str = "dpmpp"  # dpmpp (fast default) | ancestral (paper Algorithm 1) | ddpm (respaced)
+    steps: int = 10  # solver steps for dpmpp / ddpm
+    samples: int = 8  # samples per map: mean = SR, standard deviation = uncertainty
+    data_consistency: float = 0.0  # λ in [0, 1]: blend the measured central k-space into every step
+    seed: int = 0
+    device: str = "auto"
+    slice_axis: int = -1  # −1 = the through-slab axis (fewest voxels); else 0, 1 or 2
+    max_batch: int = 64  # images per network call (bounds memory)
+    bf16: bool = False  # bfloat16 autocast (≈2× faster on AVX-512 CPUs, ~1% difference)
+    force: bool = False  # run outside the trained LR range
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be ≥ 1, got {self.samples}")
+        if not 0.0 <= self.data_consistency <= 1.0:
+            raise ValueError(f"data_consistency must be in [0, 1], got {self.data_consistency}")
+        if self.tau_d < 0 or self.tau_f < 0:
+            raise ValueError("tau_d and tau_f must be ≥ 0")
+        if self.slice_axis not in (-1, 0, 1, 2):
+            raise ValueError(f"slice_axis must be -1 (auto), 0, 1 or 2, got {self.slice_axis}")
+        if self.scale and not self.scale > 0:
+            raise ValueError(f"scale must be > 0 (or 0 = auto), got {self.scale}")
+
+
+@dataclass
+class SuperResolution:
+    """Outputs on the model grid, in the input's physical units, channels as in the input."""
+
+    sr: vol.Volume
+    zero_filled: vol.Volume
+    uncertainty: vol.Volume
+    mask: vol.Volume
+    grid: vol.ModelGrid
+    nfe: int  # network evaluations per sample chain
+    network_calls: int  # all batched network calls of the run
+    timings: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+
+def as_volume(image, name: str) -> vol.Volume:
+    """Accept a Volume, a path, a SimpleITK image or an (array, affine) pair."""
+    if isinstance(image, vol.Volume):
+        return image
+    if isinstance(image, (str, Path)):
+        return vol.load_volume(image)
+    if isinstance(image, tuple) and len(image) == 2:
+        return vol.volume_from_array(image[0], image[1], name)
+    try:
+        import SimpleITK as sitk
+
+        if isinstance(image, sitk.Image):
+            return vol.from_sitk(image, name)
+    except ImportError:  # pragma: no cover
+        pass
+    raise ValueError(f"{name}: expected a Volume, a file path, a SimpleITK image or an (array, affine) pair, "
+                     f"got {type(image).__name__}")
+
+
+def _lr_stack(lr) -> tuple[vol.Volume, list[str]]:
+    """One 4D LR volume (metabolites last) from one volume or a list on one grid, plus channel names."""
+    items = list(lr) if isinstance(lr, (list, tuple)) and not (
+        len(lr) == 2 and isinstance(lr[0], np.ndarray)) else [lr]
+    volumes = [as_volume(v, f"lr[{i}]") for i, v in enumerate(items)]
+    if len(volumes) == 1:
+        v = volumes[0]
+        names = [v.name] if v.data.ndim == 3 else [f"{v.name}[{c}]" for c in range(v.n_channels)]
+        data = v.data if v.data.ndim == 4 else v.data[..., None]
+        return vol.Volume(data, v.affine, v.path), names
+    if any(v.data.ndim != 3 for v in volumes):
+        raise ValueError("several LR inputs must each be 3D (one metabolite per file)")
+    return vol.stack_channels(volumes), [v.name for v in volumes]
+
+
+def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperResolveOptions | None = None,
+                  progress: Progress | None = None, **overrides) -> SuperResolution:
+    """Super-resolve LR metabolite volume(s) with FTDDM; T1/FLAIR/mask in any geometry (resampled physically).
+
+    lr: a volume (3D, or 4D with metabolites last) or a list of 3D volumes on one grid, each a Volume, path,
+    SimpleITK image or (array, affine). Options as :class:`SuperResolveOptions` fields, e.g. tau_d=0.7.
+    Returns SR (mean of `samples` draws), zero-filled and uncertainty (per-voxel std) on the model grid.
+    """
+    opts = options or SuperResolveOptions()
+    if overrides:
+        opts = SuperResolveOptions(**{**asdict(opts), **overrides})
+    t_start = time.perf_counter()
+    size = model.config.unet.image_size
+    lr_vol, names = _lr_stack(lr)
+    if t1 is None or flair is None:
+        raise ValueError("FTDDM is conditioned on the patient's T1 and FLAIR: pass both (t1=…, flair=…)")
+    t1_vol, flair_vol = as_volume(t1, "t1"), as_volume(flair, "flair")
+
+    # --- geometry: slice axis, square in-plane matrix, model grid -------------------------------------
+    axis = vol.slice_axis(lr_vol, None if opts.slice_axis < 0 else opts.slice_axis)
+    lr_vol = vol.squarify_inplane(lr_vol, axis)
+    grid = vol.target_grid(lr_vol, axis, size, scale_range=tuple(model.config.scale_range), force=opts.force)
+    s_cond = opts.scale or grid.factor
+
+    # --- MRI and mask on the model grid ---------------------------------------------------------------
+    user_mask = None
+    if mask is not None:
+        m_vol = as_volume(mask, "mask") if not isinstance(mask, (str, Path)) else vol.load_volume(mask, allow_all_zero=True)
+        user_mask = vol.resample_mask(m_vol, grid.affine, grid.shape)
+        if not user_mask.any():
+            raise ValueError(f"{m_vol.name}: the quality mask is empty on the MRSI grid (no voxel to super-resolve)")
+    # MRI scaled over the whole target volume, exactly as the training data (data.py) does.
+    t1_g, flair_g = vol.prepare_mri(t1_vol, flair_vol, grid.affine, grid.shape, target_name=lr_vol.name)
+
+    # --- model space: one derivation shared with training (prep.model_inputs) -------------------------
+    lr_slices = vol.to_slices(lr_vol.data, axis)  # (C, N, m, m)
+    n_chan, n_slices = lr_slices.shape[:2]
+    lr_zf_all = np.abs(kspace.zero_fill(lr_slices, size)).astype(np.float32)
+    if user_mask is not None:
+        mask_slices = vol.to_slices(user_mask, axis)
+    else:  # automatic: brain from T1 ∧ MRSI support of any metabolite
+        support = np.any([vol.to_slices(vol.signal_support(vol.from_slices(c, axis), axis), axis)
+                          for c in lr_zf_all], axis=0)
+        mask_slices = support & vol.to_slices(vol.brain_mask(t1_g, axis), axis)
+    t1_s, flair_s = vol.to_slices(t1_g, axis), vol.to_slices(flair_g, axis)
+    conds, scales = [], []
+    for c in range(n_chan):
+        cond, scale, _ = prep.model_inputs(lr_slices[c], mask_slices, t1_s, flair_s, size)
+        conds.append(cond)
+        scales.append(scale)
+    cond = torch.cat(conds)  # (C·N, 4, size, size), metabolite-major
+    norm = np.concatenate(scales)
+    active = np.flatnonzero((norm > 0) & (cond[:, 1].flatten(1).sum(1).numpy() > 0))
+    t_prep = time.perf_counter()
+
+    # --- sampling -------------------------------------------------------------------------------------
+    device = resolve_device(opts.device)
+    model = model.to(device).eval()
+    mean = torch.zeros(len(cond), 1, size, size)
+    std = torch.zeros_like(mean)
+    nfe, calls = 0, 0
+    if len(active):
+        gen = make_generator(device, opts.seed)
+        kw = dict(sampler=opts.sampler, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+                  n_samples=opts.samples, generator=gen, max_batch=opts.max_batch)
+        sub = cond[active].to(device)
+        if opts.data_consistency > 0:
+            m = grid.lr_matrix
+            # Real images: keep only the Hermitian-paired (odd) block; an even block's edge line has no
+            # partner inside it, so replacing it and then taking the real part would not be consistent.
+            block = m if m % 2 else m - 1
+            measured = kspace.truncate_kspace(kspace.fft2c(kspace.zero_fill(
+                lr_slices.reshape(-1, m, m)[active], size)), block) / norm[active, None, None]
+            kw.update(data_consistency=opts.data_consistency,
+                      measured_kspace=torch.as_tensor(measured, dtype=torch.complex64, device=device)[:, None])
+        def report(info):
+            if progress:
+                done = int(info["chunk"]) * int(info["total"]) + int(info["step"])
+                progress(done, int(info["chunks"]) * int(info["total"]), f"{len(active)} maps × {opts.samples} samples")
+
+        with autocast(device, opts.bf16):
+            result = model.sample(sub, torch.full((len(active),), float(s_cond), device=device),
+                                  force_scale=opts.force, callback=report, **kw)
+        if progress:
+            progress(1, 1, "done")  # chunks can end before their last reported step: close the bar at 100 %
+        mean[active] = result.mean.float().cpu()
+        std[active] = result.std.float().cpu()
+        nfe, calls = result.nfe, result.total_calls
+    t_sample = time.perf_counter()
+
+    # --- back to physical units and volume order ------------------------------------------------------
+    def to_volume(x: np.ndarray) -> vol.Volume:
+        data = vol.from_slices(x.reshape(n_chan, n_slices, size, size), axis)  # (i, j, k, C)
+        return vol.Volume(data.astype(np.float32), grid.affine.copy())
+
+    scale_b = norm[:, None, None]
+    sr = to_volume(mean[:, 0].numpy() * scale_b)
+    unc = to_volume(std[:, 0].numpy() * scale_b)
+    zf = to_volume(lr_zf_all.reshape(-1, size, size))
+    mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())
+    timings = {"prepare_s": t_prep - t_start, "sample_s": t_sample - t_prep,
+               "total_s": time.perf_counter() - t_start, "maps": int(len(cond)), "maps_sampled": int(len(active))}
+    return SuperResolution(sr, zf, unc, mask_vol, grid, nfe, calls, timings,
+                           {**asdict(opts), "scale": float(s_cond), "slice_axis": int(axis), "inputs": names,
+                            "device": str(device), "mask": "user" if user_mask is not None else "automatic"})
+
+
+# ------------------------------------------------------------------------------------------ CLI layer
+def output_stem(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _split(volume: vol.Volume, c: int) -> vol.Volume:
+    return vol.Volume(volume.data[..., c], volume.affine.copy())
+
+
+def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1, flair, mask=None,
+                      model_path=None, options: SuperResolveOptions | None = None, ratios: Sequence[str] = (),
+                      overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """`ftddm super-resolve`: load files, super-resolve as one batch, write NIfTIs + <stem>_run.json atomically."""
+    from .model import DEFAULT_MODEL, file_sha256, load_model
+
+    opts = options or SuperResolveOptions()
+    out_dir = Path(out_dir)
+    stems = [output_stem(p) for p in lr_paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"LR inputs must have distinct file names, got {stems}")
+    if t1 is None or flair is None:
+        raise ValueError("--t1 and --flair are required: FTDDM is conditioned on the patient's T1 and FLAIR")
+    planned = [out_dir / f"{s}_{kind}.nii.gz" for s in stems for kind in ("sr", "zerofilled", "uncertainty")]
+    planned += [out_dir / f"{s}_run.json" for s in stems]
+    ratio_pairs = [_parse_ratio(r, stems) for r in ratios]
+    planned += [out_dir / f"{a}_over_{b}_sr.nii.gz" for a, b in ratio_pairs]
+    existing = [p for p in planned if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (and {len(existing) - 1} more); "
+                              "pass --overwrite to replace outputs")
+    inputs = [vol.load_volume(p) for p in lr_paths]
+    if any(v.data.ndim != 3 for v in inputs) and len(inputs) > 1:
+        raise ValueError("several --lr inputs must each be a 3D map (one metabolite per file)")
+    model_file = Path(model_path) if model_path else DEFAULT_MODEL
+    model = load_model(model_file, device=opts.device)
+    result = super_resolve(inputs if len(inputs) > 1 else inputs[0], vol.load_volume(t1), vol.load_volume(flair),
+                           mask, model=model, options=opts, progress=progress)
+    single_4d = len(inputs) == 1 and inputs[0].data.ndim == 4
+    files: dict[str, vol.Volume] = {}
+    by_stem = {}
+    for c, stem in enumerate(stems):
+        pick = (lambda v: v) if single_4d else (lambda v, c=c: _split(v, c))
+        for kind, volume in (("sr", result.sr), ("zerofilled", result.zero_filled), ("uncertainty", result.uncertainty)):
+            files[f"{stem}_{kind}.nii.gz"] = pick(volume)
+        by_stem[stem] = pick(result.sr)
+    for a, b in ratio_pairs:
+        num, den = by_stem[a].data, by_stem[b].data
+        floor = 1e-6 * max(float(np.abs(den).max()), 1e-12)  # no ratio where the denominator has no signal
+        ratio = np.where(den > floor, num / np.where(den > floor, den, 1.0), 0.0)
+        files[f"{a}_over_{b}_sr.nii.gz"] = vol.Volume(ratio.astype(np.float32), result.sr.affine)
+    report = {
+        "ftddm_version": __import__("ftddm_core").__version__,
+        "inputs": {str(p): file_sha256(p) for p in [*lr_paths, t1, flair, *([mask] if mask else [])]},
+        "model": {"path": str(model_file), "sha256": file_sha256(model_file), "config": model.config.name},
+        "options": result.options, "nfe_per_sample": result.nfe, "network_calls": result.network_calls,
+        "timings": result.timings, "grid": {"affine": result.grid.affine.tolist(), "shape": list(result.grid.shape),
+                                            "factor": result.grid.factor, "lr_matrix": result.grid.lr_matrix},
+        "outputs": [str(out_dir / name) for name in files] + [str(out_dir / f"{s}_run.json") for s in stems],
+    }
+    _write_outputs(out_dir, files, {f"{s}_run.json": json.dumps(report, indent=2) for s in stems}, overwrite)
+    return report
+
+
+def _write_outputs(out_dir: Path, volumes: dict, texts: dict, overwrite: bool) -> None:
+    """Write every output into a hidden staging folder, then move them in: an interrupted run leaves none."""
+    import os
+    import shutil
+    import tempfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".ftddm-partial-", dir=out_dir))
+    try:
+        for name, volume in volumes.items():
+            vol.save_volume(volume, stage / name)
+        for name, text in texts.items():
+            (stage / name).write_text(text)
+        for name in [*volumes, *texts]:
+            if (out_dir / name).exists() and not overwrite:
+                raise FileExistsError(f"{out_dir / name} appeared while running; pass --overwrite to replace it")
+        for name in [*volumes, *texts]:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _parse_ratio(text: str, stems: Sequence[str]) -> tuple[str, str]:
+    parts = text.split("/")
+    if len(parts) != 2 or any(p not in stems for p in parts):
+        raise ValueError(f"--ratio {text!r}: expected NUM/DEN with both names among the LR inputs {list(stems)}")
+    return parts[0], parts[1]

@@ -1,0 +1,489 @@
+"""Samplers for the truncated reverse diffusion of FTDDM (Dong et al., MedIA 2024, Algorithm 1), k-diffusion style.
+
+Conventions: index t ∈ [0, T) of a :class:`~ftddm_core.schedule.DiffusionSchedule`, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.
+A chain "starting at index t_start" takes x_{t_start} and evaluates the network at t_start, …, 0; the last
+evaluation (index 0) yields the clean x̂0, so the paper's chain with Ttrunc = 100 costs 101 evaluations (NFE).
+
+Every sampler takes the same model interface, a denoiser ``eps_fn(x_t, t) -> ε̂`` where t is a (B,) long
+tensor of *original* schedule indices (condition, upscaling factor … are closed over by the caller);
+:class:`CountingDenoiser` adds NFE counting, the published masking ε̂ ⊙ M and an x̂0 hook (clamp, data
+consistency). The samplers are pure ``@torch.no_grad()`` functions; :func:`sample_ftddm` wires model, flow
+start, hooks, repeated samples and their running mean/std together. Math only; never touches files.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import COND_CHANNELS
+from .kspace import data_consistency as _kspace_data_consistency
+from .schedule import DiffusionSchedule, respace, space_timesteps
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+SAMPLERS = ("ancestral", "ddpm", "dpmpp")
+STARTS = ("flow", "noise")
+
+
+# --- the one model interface ---------------------------------------------------------------------------
+class CountingDenoiser:
+    """ε̂(x_t, t) with NFE counting, the published masking ε̂ ⊙ M and an optional hook on x̂0.
+
+    When ``x0_hook`` is given, x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t is passed through it (e.g. clamping to the data
+    range, k-space data consistency) and ε̂ is recomputed from the corrected x̂0, so every sampler sees the
+    same corrected prediction. The mask multiplies the network output (as published) and the final ε̂.
+    """
+
+    def __init__(self, eps_fn: EpsFn, schedule: DiffusionSchedule | None = None, *,
+                 mask: torch.Tensor | None = None, x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if x0_hook is not None and schedule is None:
+            raise ValueError("an x0_hook needs the schedule to convert between ε̂ and x̂0")
+        self.eps_fn, self.schedule, self.mask, self.x0_hook = eps_fn, schedule, mask, x0_hook
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        eps = self._masked(self.eps_fn(x, t))
+        if self.x0_hook is not None:
+            x0 = self.x0_hook(self.schedule.predict_x0_from_eps(x, t, eps))
+            eps = self._masked(self.schedule.predict_eps_from_x0(x, t, x0))
+        return eps
+
+    def _masked(self, eps: torch.Tensor) -> torch.Tensor:
+        return eps if self.mask is None else eps * self.mask
+
+
+# --- shared helpers -------------------------------------------------------------------------------------
+@dataclass
+class _Setup:
+    """What every sampler needs after validation: the mask on x's device/dtype and a batch time maker."""
+
+    mask: torch.Tensor | None
+    batch: int
+    device: torch.device
+
+    def time(self, t: int) -> torch.Tensor:
+        return torch.full((self.batch,), int(t), dtype=torch.long, device=self.device)
+
+
+def _setup(x: torch.Tensor, mask: torch.Tensor | None) -> _Setup:
+    """Validate the state x and the mask (broadcastable to x) shared by all samplers."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 2:
+        raise ValueError(f"x must be a floating-point tensor (B, …), got {getattr(x, 'shape', type(x))}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        try:
+            shape = torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} must broadcast to the image shape {tuple(x.shape)}")
+        mask = mask.to(device=x.device, dtype=x.dtype)
+    return _Setup(mask=mask, batch=x.shape[0], device=x.device)
+
+
+def _check_tau(name: str, tau: float) -> float:
+    if isinstance(tau, bool) or not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {tau!r}")
+    return float(tau)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_index(name: str, t: int, schedule: DiffusionSchedule, low: int = 0) -> int:
+    top = schedule.num_timesteps - 1
+    if not _is_int(t) or not low <= t <= top:
+        raise ValueError(f"{name} must be an integer index in [{low}, {top}], got {t!r}")
+    return int(t)
+
+
+def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """N(0, I) shaped like x, drawn on the generator's device then moved (one generator per row if a list)."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    generators = list(generator)
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"need one generator per batch row ({x.shape[0]}), got {len(generators)}")
+    rows = [torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype).to(x.device)
+            for g in generators]
+    return torch.cat(rows, dim=0)
+
+
+def _report(callback, step: int, total: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback(dict(step=step, total=total, t=int(t), x=x, x0=x0))
+
+
+# --- ancestral sampling (paper Algorithm 1) ------------------------------------------------------------
+def _ancestral(denoiser, x, schedule, t_start, timestep_map, tau_d, mask, generator, callback):
+    """Ancestral loop over schedule indices t_start…0; the denoiser gets timestep_map[index]."""
+    setup = _setup(x, mask)
+    tau_d = _check_tau("tau_d", tau_d)
+    total = t_start + 1
+    for step, index in enumerate(range(t_start, -1, -1)):
+        original_t = int(timestep_map[index])
+        eps = denoiser(x, setup.time(original_t))
+        x0 = schedule.predict_x0_from_eps(x, index, eps)
+        _report(callback, step, total, original_t, x, x0)
+        if index == 0:
+            return x0  # posterior at index 0 is x̂0 itself (ᾱ_{−1} = 1): no noise on the last step
+        mean, variance = schedule.q_posterior_mean_variance(x0, x, index)
+        noise = tau_d * randn_like(x, generator)  # τ_d scales the noise standard deviation
+        if setup.mask is not None:
+            noise = noise * setup.mask
+        x = mean + variance.sqrt() * noise
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def sample_ancestral(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, t_start: int, *,
+                     tau_d: float = 1.0, mask: torch.Tensor | None = None, generator: Generators = None,
+                     callback=None) -> torch.Tensor:
+    """Paper Algorithm 1 / Ho et al. 2020: x_{t−1} = μ̃_t(x̂0, x_t) + √β̃_t·τ_d·z·M, z ~ N(0, I), none at t = 0.
+
+    Fixed "small" variance β̃_t (the posterior variance; diffusers ``variance_type="fixed_small"``). The paper
+    writes z ~ N(0, τ_d·I) and says τ_d "scales the noise"; here τ_d multiplies the noise *standard deviation*
+    (as in the authors' code). NFE = t_start + 1. ``generator`` is a torch.Generator or one per batch row.
+    """
+    t_start = _check_index("t_start", t_start, schedule)
+    return _ancestral(denoiser, x, schedule, t_start, np.arange(t_start + 1), tau_d, mask, generator, callback)
+
+
+@torch.no_grad()
+def sample_respaced(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, t_start: int, steps: int, *,
+                    tau_d: float = 1.0, mask: torch.Tensor | None = None, generator: Generators = None,
+                    callback=None) -> torch.Tensor:
+    """Ancestral sampling on the respaced chain space_timesteps(t_start, steps) (Nichol & Dhariwal §4), NFE steps+1."""
+    t_start = _check_index("t_start", t_start, schedule, low=1)
+    spaced, timestep_map = respace(schedule, space_timesteps(t_start, steps))
+    return _ancestral(denoiser, x, spaced, spaced.num_timesteps - 1, timestep_map, tau_d, mask, generator, callback)
+
+
+# --- DPM-Solver++(2M) -----------------------------------------------------------------------------------
+def _check_timesteps(timesteps, schedule: DiffusionSchedule) -> list[int]:
+    ts = [int(t) for t in timesteps]
+    top = schedule.num_timesteps - 1
+    if not ts or any(not 0 <= t <= top for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        shown = f"{ts[:12]}{' …' if len(ts) > 12 else ''}"
+        raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of indices in [0, {top}], "
+                         f"got {shown}")
+    return ts
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, timesteps: Sequence[int], *,
+                    mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2) over decreasing indices, then x̂0 at the last.
+
+    α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_cur. First step first order, later steps second
+    order (midpoint form), and from the last index a first-order step to σ = 0, which is x̂0 itself — the same
+    as diffusers' DPMSolverMultistepScheduler(final_sigmas_type="zero"). NFE = len(timesteps).
+    Deterministic; the mask (if any) multiplies the state after every step.
+    """
+    setup = _setup(x, mask)
+    ts = _check_timesteps(timesteps, schedule)
+    alpha = np.sqrt(schedule.alphas_cumprod[ts])
+    sigma = np.sqrt(1.0 - schedule.alphas_cumprod[ts])
+    lam = np.log(alpha) - np.log(sigma)
+    x0_previous = None
+    for i, t in enumerate(ts):
+        x0 = schedule.predict_x0_from_eps(x, t, denoiser(x, setup.time(t)))
+        _report(callback, i, len(ts), t, x, x0)
+        if i == len(ts) - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        if x0_previous is None:
+            direction = x0
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            direction = x0 + (x0 - x0_previous) / (2.0 * r)  # D0 + ½·D1, D1 = (x̂0_i − x̂0_{i−1}) / r
+        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * direction
+        if setup.mask is not None:
+            x = x * setup.mask
+        x0_previous = x0
+    raise AssertionError("unreachable")
+
+
+# --- dispatch -------------------------------------------------------------------------------------------
+def chain_nfe(sampler: str, t_start: int, steps: int) -> int:
+    """Network evaluations of one chain: t_start + 1 for "ancestral", steps + 1 for "ddpm" and "dpmpp"."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    return t_start + 1 if sampler == "ancestral" else steps + 1
+
+
+@torch.no_grad()
+def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSchedule, *, sampler: str,
+                 t_start: int, steps: int = 10, tau_d: float = 1.0, mask: torch.Tensor | None = None,
+                 generator: Generators = None, callback=None) -> torch.Tensor:
+    """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps ignored), "ddpm" (respaced), "dpmpp"."""
+    if sampler == "ancestral":
+        return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
+                                generator=generator, callback=callback)
+    if sampler == "ddpm":
+        return sample_respaced(denoiser, x_start, schedule, t_start, steps, tau_d=tau_d, mask=mask,
+                               generator=generator, callback=callback)
+    if sampler == "dpmpp":
+        t_start = _check_index("t_start", t_start, schedule, low=1)
+        return sample_dpmpp_2m(denoiser, x_start, schedule, space_timesteps(t_start, steps), mask=mask,
+                               callback=callback)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+
+
+# --- repeated samples: Welford running moments ----------------------------------------------------------
+class RunningMoments:
+    """Per-pixel running mean and variance of repeated samples of a batch of images (Welford 1962), float64."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.count = torch.zeros(shape[0], dtype=torch.long, device=device)
+        self.mean = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Add one new sample x[i] of image index[i] for each row i (indices must be distinct)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.count.device)
+        if index.unique().numel() != index.numel():
+            raise ValueError("each image may appear at most once per RunningMoments.add call")
+        x = x.to(device=self.mean.device, dtype=torch.float64)
+        n = (self.count[index] + 1).to(torch.float64).reshape(-1, *(1,) * (x.ndim - 1))
+        delta = x - self.mean[index]
+        mean = self.mean[index] + delta / n
+        self.m2[index] += delta * (x - mean)
+        self.mean[index] = mean
+        self.count[index] += 1
+
+    def std(self) -> torch.Tensor:
+        """Sample standard deviation (Bessel, n − 1 — like torch.std); 0 where fewer than two samples."""
+        n = self.count.to(torch.float64).reshape(-1, *(1,) * (self.m2.ndim - 1))
+        return torch.where(n > 1, self.m2 / (n - 1).clamp(min=1), torch.zeros_like(self.m2)).sqrt()
+
+
+# --- the FTDDM pipeline ---------------------------------------------------------------------------------
+@dataclass
+class SampleResult:
+    """Super-resolved mean, per-pixel uncertainty and cost of one sample_ftddm call."""
+
+    mean: torch.Tensor  # (B, 1, H, W), clamped to the data range and masked
+    std: torch.Tensor  # (B, 1, H, W) sample std over n_samples (n − 1); zeros when n_samples = 1
+    nfe: int  # network evaluations per sample chain (e.g. 11 for dpmpp, Ttrunc = 100, K = 10)
+    total_calls: int  # network calls made in total (one call processes a whole chunk)
+    seconds: float  # wall time of the call
+    samples: torch.Tensor | None = None  # (B, n_samples, 1, H, W) when keep_samples=True
+
+
+def ftddm_x0_hook(clip: tuple[float, float], mask: torch.Tensor | None = None,
+                  measured_kspace: torch.Tensor | None = None, weight: float = 0.0):
+    """x̂0 correction: clamp to the data range, optional k-space data consistency with weight λ, then mask."""
+    low, high = float(clip[0]), float(clip[1])
+
+    def hook(x0: torch.Tensor) -> torch.Tensor:
+        x0 = x0.clamp(low, high)
+        if weight > 0:
+            x0 = _kspace_data_consistency(x0, measured_kspace, weight).real.to(x0.dtype)
+        return x0 if mask is None else x0 * mask
+
+    return hook
+
+
+@dataclass
+class _Options:
+    sampler: str
+    start: str
+    t_start: int
+    steps: int
+    nfe: int
+
+
+def _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_samples, max_batch,
+                      data_consistency) -> _Options:
+    T = model.schedule.num_timesteps
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; expected one of {STARTS}")
+    _check_tau("tau_d", tau_d)
+    _check_tau("tau_f", tau_f)
+    if start == "noise":
+        t_trunc = T - 1  # the untruncated baseline always starts from pure noise at the last index
+    elif t_trunc is None:
+        t_trunc = model.config.diffusion.t_trunc
+    if not _is_int(t_trunc) or not 1 <= t_trunc <= T - 1:
+        raise ValueError(f"t_trunc must be an integer in [1, {T - 1}], got {t_trunc!r}")
+    if sampler != "ancestral" and (not _is_int(steps) or not 1 <= steps <= t_trunc):
+        raise ValueError(f"steps must be an integer in [1, {t_trunc}] (the chain starts at index {t_trunc}), "
+                         f"got {steps!r}")
+    for name, value in (("n_samples", n_samples), ("max_batch", 1 if max_batch is None else max_batch)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if isinstance(data_consistency, bool) or not (isinstance(data_consistency, numbers.Real)
+                                                  and 0.0 <= data_consistency <= 1.0):
+        raise ValueError(f"data_consistency weight must be in [0, 1], got {data_consistency!r}")
+    return _Options(sampler, start, int(t_trunc), int(steps), chain_nfe(sampler, int(t_trunc), int(steps)))
+
+
+def _check_cond(cond) -> None:
+    n_ch = len(COND_CHANNELS)
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 4 or cond.shape[1] != n_ch:
+        raise ValueError(f"cond must be a tensor (B, {n_ch}, H, W) with channels {COND_CHANNELS}, "
+                         f"got {getattr(cond, 'shape', type(cond))}")
+
+
+def _validate_inputs(cond, scale, measured_kspace, data_consistency, device):
+    """Check cond (B, 4, H, W) finite, scale scalar or (B,), measured k-space (B[, 1], m, m); move to device."""
+    _check_cond(cond)
+    if not cond.dtype.is_floating_point or not bool(torch.isfinite(cond).all()):
+        raise ValueError("cond must be a floating-point tensor without NaN or inf")
+    B, _, H, W = cond.shape
+    scale = torch.as_tensor(scale, dtype=cond.dtype)
+    if scale.ndim == 0:
+        scale = scale.expand(B)
+    if scale.shape != (B,) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"scale must be a positive number or a tensor of shape ({B},), got {tuple(scale.shape)}")
+    if data_consistency > 0:
+        if measured_kspace is None:
+            raise ValueError("data_consistency > 0 needs measured_kspace (the measured centred k-space block)")
+        measured_kspace = torch.as_tensor(measured_kspace)
+        if measured_kspace.ndim == 3:
+            measured_kspace = measured_kspace[:, None]
+        m = measured_kspace.shape
+        if len(m) != 4 or m[0] != B or m[1] != 1 or not (1 <= m[2] <= H and 1 <= m[3] <= W):
+            raise ValueError(f"measured_kspace must have shape ({B}, 1, m, n) or ({B}, m, n) with m ≤ {H}, "
+                             f"n ≤ {W}, got {tuple(m)}")
+        if not bool(torch.isfinite(measured_kspace).all()):
+            raise ValueError("measured_kspace contains NaN or inf")
+        measured_kspace = measured_kspace.to(device)
+    return cond.to(device), scale.to(device), measured_kspace
+
+
+def _model_device(model, cond: torch.Tensor) -> torch.device:
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else cond.device
+
+
+def _chain_seeds(generator: torch.Generator | None, n_samples: int, batch: int) -> torch.Tensor:
+    """One seed per chain (sample k, image b): every chain owns its noise, so chunking never changes results."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (n_samples, batch), generator=generator, device=device).cpu()
+
+
+def _flow_start(flow, cond: torch.Tensor, tau_f: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """x at the truncation index from the flow in one batched call; row b draws from chain b's generator."""
+    return flow.sample(cond, tau_f, generators)
+
+
+@torch.no_grad()
+def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_trunc: int | None = None,
+                 steps: int = 10, tau_d: float = 0.9, tau_f: float = 0.9, n_samples: int = 1, start: str = "flow",
+                 data_consistency: float = 0.0, measured_kspace: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, callback=None, max_batch: int | None = None,
+                 keep_samples: bool = False) -> SampleResult:
+    """FTDDM inference (paper Algorithm 1): flow draws x_Ttrunc (τ_f), truncated reverse chain, clamp and mask.
+
+    ``model`` provides ``.unet(x_t, t, cond, scale)``, ``.flow.sample(cond, tau, generator)``, ``.schedule`` and
+    ``.config`` (``diffusion.t_trunc``, ``x0_clip``). cond is (B, 4, H, W) = [LR, M, T1, FLAIR]. start="noise"
+    runs the untruncated baseline from N(0, I)·M at index T−1 (t_trunc is then ignored). Repeated samples are
+    reduced to a per-pixel mean and sample std (n − 1) with Welford running moments; at most ``max_batch``
+    chains (default B) share one network call. Each chain (sample k, image b) draws all its noise from its own
+    generator (on the model's device) seeded from ``generator``, so results do not depend on max_batch; they
+    are reproducible per device type. Returns a SampleResult.
+    """
+    started = time.perf_counter()
+    opts = _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_samples, max_batch,
+                             data_consistency)
+    _check_cond(cond)
+    device, out_device = _model_device(model, cond), cond.device
+    cond, scale, measured = _validate_inputs(cond, scale, measured_kspace, data_consistency, device)
+    B, _, H, W = cond.shape
+    mask = cond[:, COND_CHANNELS.index("mask")][:, None]
+    seeds = _chain_seeds(generator, n_samples, B)
+    chains = [(k, b) for k in range(n_samples) for b in range(B)]  # sample-major: Welford order is fixed
+    chunk_size = max_batch or B
+    chunks = [chains[i:i + chunk_size] for i in range(0, len(chains), chunk_size)]
+    moments = RunningMoments((B, 1, H, W), device=device)
+    samples = torch.zeros((B, n_samples, 1, H, W), dtype=cond.dtype, device=device) if keep_samples else None
+    total_calls = 0
+    for c, chunk in enumerate(chunks):
+        ks = torch.tensor([k for k, _ in chunk])
+        rows = torch.tensor([b for _, b in chunk])
+        generators = [torch.Generator(device).manual_seed(int(seeds[k, b])) for k, b in chunk]
+        x0, calls = _run_chunk(model, opts, cond[rows], scale[rows], mask[rows],
+                               None if measured is None else measured[rows], data_consistency,
+                               tau_d, tau_f, generators, _chunk_callback(callback, c, len(chunks), int(ks[0])))
+        total_calls += calls
+        for k in ks.unique().tolist():  # one Welford update per sample index: images are distinct within it
+            sel = (ks == k).nonzero().flatten()
+            moments.add(x0[sel], rows[sel])
+            if samples is not None:
+                samples[rows[sel], k] = x0[sel]
+    mean, std = moments.mean.to(cond.dtype), moments.std().to(cond.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return SampleResult(mean=mean.to(out_device), std=std.to(out_device), nfe=opts.nfe, total_calls=total_calls,
+                        seconds=time.perf_counter() - started,
+                        samples=None if samples is None else samples.to(out_device))
+
+
+def _run_chunk(model, opts: _Options, cond, scale, mask, measured, weight, tau_d, tau_f, generators, callback):
+    """One batch of chains: start point, hooked denoiser, reverse chain, final clamp and mask."""
+    clip = model.config.x0_clip
+    if opts.start == "flow":
+        x = _flow_start(model.flow, cond, tau_f, generators).to(cond.dtype) * mask
+    else:
+        x = randn_like(torch.empty_like(mask), generators) * mask
+    denoiser = CountingDenoiser(lambda x_t, t: model.unet(x_t, t, cond, scale), model.schedule, mask=mask,
+                                x0_hook=ftddm_x0_hook(clip, mask, measured, weight))
+    x0 = sample_chain(denoiser, x, model.schedule, sampler=opts.sampler, t_start=opts.t_start, steps=opts.steps,
+                      tau_d=tau_d, mask=mask, generator=generators, callback=callback)
+    if denoiser.nfe != opts.nfe:
+        raise AssertionError(f"chain made {denoiser.nfe} network evaluations, expected {opts.nfe}")
+    return x0.clamp(float(clip[0]), float(clip[1])) * mask, denoiser.nfe
+
+
+def _chunk_callback(callback, chunk: int, chunks: int, first_sample: int):
+    """Progress for the user: step, total, t of the chain, plus which chunk (and its first sample index)."""
+    if callback is None:
+        return None
+
+    def report(info: dict[str, Any]) -> None:
+        callback(dict(step=info["step"], total=info["total"], t=info["t"], sample=first_sample,
+                      chunk=chunk, chunks=chunks))
+
+    return report
+
+
+@torch.no_grad()
+def predict_regression(model, cond: torch.Tensor, scale, *, max_batch: int | None = None,
+                       callback=None) -> SampleResult:
+    """The deterministic UNet baseline: x̂0 = UNet(0, t=0, y, s), clamped to the data range and masked (NFE 1)."""
+    started = time.perf_counter()
+    _check_cond(cond)
+    device, out_device = _model_device(model, cond), cond.device
+    cond, scale, _ = _validate_inputs(cond, scale, None, 0.0, device)
+    mask = cond[:, COND_CHANNELS.index("mask")][:, None]
+    lo, hi = model.config.x0_clip
+    step = max_batch or len(cond)
+    outs = []
+    for i in range(0, len(cond), step):
+        c = cond[i:i + step]
+        t = torch.zeros(len(c), dtype=torch.long, device=device)
+        outs.append(model.unet(torch.zeros_like(c[:, :1]), t, c, scale[i:i + step]).float())
+        if callback is not None:
+            callback(dict(step=1, total=1, t=0, sample=0, chunk=i // step, chunks=-(-len(cond) // step)))
+    mean = torch.cat(outs).clamp(lo, hi).to(cond.dtype) * mask
+    return SampleResult(mean=mean.to(out_device), std=torch.zeros_like(mean).to(out_device), nfe=1,
+                        total_calls=-(-len(cond) // step), seconds=time.perf_counter() - started)

@@ -1,0 +1,383 @@
+"""Training loop for FTDDM: diffusion stage (truncated ε-MSE) and flow stage (NLL + guide), resumable, DDP-ready.
+
+One straight loop in commented phases (learning rate, forward/backward, EMA, log, validate + checkpoint),
+as an importable function so a test can run a few CPU steps. Both networks train on the same batches with
+their own optimisers (they share no parameters). Launch several processes with `torchrun` for DDP.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import json_metadata, read_safetensors, write_safetensors
+from .config import FTDDMConfig
+from .device import autocast, resolve_device
+from .losses import diffusion_loss, flow_loss, regression_loss
+from .model import FTDDM, load_state
+
+STAGES = ("both", "diffusion", "flow")
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation settings (paper: Adam 1e-4 with linear decay, batch 8, EMA; flow Adam betas (0.5, 0.9))."""
+
+    iterations: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-4  # UNet, decays linearly to 0 over `iterations`
+    flow_lr: float = 1e-4  # flow, halved at 50 %, 75 % and 90 % of training (step decay)
+    ema_decay: float = 0.999  # paper 0.9999 over 100k iterations; shorter CPU runs need a shorter memory
+    guide_weight: float = 10.0  # λ
+    guide_alpha: float = 0.84  # α
+    grad_clip: float = 1.0
+    stage: str = "both"
+    val_every: int = 500
+    val_batches: int = 8
+    log_every: int = 50
+    seed: int = 0
+    bf16: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ValueError("iterations and batch_size must be ≥ 1")
+
+
+class TrainingStep(nn.Module):
+    """Both losses for one batch; a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: FTDDM, opts: TrainOptions):
+        super().__init__()
+        self.model, self.opts = model, opts
+
+    def forward(self, batch: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
+        m, o = self.model, self.opts
+        t_trunc = m.config.diffusion.t_trunc
+        out = {}
+        total = torch.zeros((), device=batch["x0"].device)
+        if m.config.kind == "regression":
+            out["regression"] = regression_loss(m.unet, batch["x0"], batch["cond"], batch["scale"])
+            out["total"] = out["regression"]
+            return out
+        if o.stage in ("both", "diffusion"):
+            out["diffusion"] = diffusion_loss(m.unet, m.schedule, batch["x0"], batch["cond"], batch["scale"],
+                                              t_trunc, generator)
+            total = total + out["diffusion"]
+        if o.stage in ("both", "flow"):
+            f_total, out["nll"], out["guide"] = flow_loss(m.flow, m.schedule, batch["x0"], batch["cond"], t_trunc,
+                                                          guide_weight=o.guide_weight, guide_alpha=o.guide_alpha,
+                                                          generator=generator)
+            out["flow"] = f_total
+            total = total + f_total
+        out["total"] = total
+        return out
+
+
+def flow_lr_factor(step: int, iterations: int) -> float:
+    """Step decay: ×0.5 at 50 %, 75 % and 90 % of training."""
+    return 0.5 ** sum(step >= f * iterations for f in (0.5, 0.75, 0.9))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Flatten an optimiser state into safetensors-compatible tensors plus JSON for the rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class RunDirectory:
+    """Files of one training run: checkpoints, logs and the loss curve."""
+
+    def __init__(self, out: str | Path):
+        self.root = Path(out)
+        self.last = self.root / "last.safetensors"  # full training state, for --resume
+        self.best = self.root / "best.safetensors"  # EMA model with the lowest validation loss
+        self.final = self.root / "model.safetensors"  # EMA model at the end of training
+        self.log_csv = self.root / "log.csv"
+        self.run_json = self.root / "run.json"
+        self.curve = self.root / "loss.png"
+
+    def prepare(self, *, resume: bool, force: bool) -> None:
+        """Refuse to overwrite an earlier run unless resuming or forced."""
+        existing = [p for p in (self.last, self.best, self.final, self.log_csv) if p.exists()]
+        if existing and not (resume or force):
+            raise FileExistsError(
+                f"{self.root} already holds a training run ({existing[0].name}); pass --resume to continue it "
+                "or --force to start over and overwrite it"
+            )
+        if resume and not self.last.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint {self.last} to continue from")
+        if force and not resume:
+            for p in existing:
+                p.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+
+def save_training_state(path, model, ema, opts_unet, opts_flow, step, best_val, options, *, data_info,
+                        generators: dict[str, torch.Generator]) -> None:
+    """Everything needed to continue bit-for-bit: weights, EMA, optimisers, step, RNG states."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"rng.{k}": g.get_state() for k, g in generators.items()})
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    t_u, m_u = _optimizer_tensors("opt_unet", opts_unet)
+    t_f, m_f = _optimizer_tensors("opt_flow", opts_flow)
+    tensors.update(t_u)
+    tensors.update(t_f)
+    meta = json_metadata(config=model.config.to_dict(), step=step, best_val=best_val, options=asdict(options),
+                         opt_unet=m_u, opt_flow=m_f, data=data_info)
+    meta["format"] = "ftddm-training-state/1"
+    write_safetensors(path, tensors, meta, overwrite=True)
+
+
+def load_training_state(path, model, ema, opt_unet, opt_flow, generators: dict[str, torch.Generator]):
+    """Restore save_training_state's file into the given objects; returns (step, best validation loss)."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "ftddm-training-state/1":
+        raise ValueError(f"{path} is not an ftddm training checkpoint")
+    stored = FTDDMConfig.from_dict(json.loads(meta["config"]))
+    if stored.to_dict() != model.config.to_dict():
+        raise ValueError(f"{path} was trained with a different config ({stored.name}); cannot resume with "
+                         f"config {model.config.name}")
+    load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(path))
+    load_state(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, source=str(path))
+    _restore_optimizer("opt_unet", opt_unet, tensors, json.loads(meta["opt_unet"]))
+    _restore_optimizer("opt_flow", opt_flow, tensors, json.loads(meta["opt_flow"]))
+    for k, g in generators.items():
+        if f"rng.{k}" in tensors:
+            g.set_state(tensors[f"rng.{k}"])
+    return int(json.loads(meta["step"])), float(json.loads(meta["best_val"]))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← d·θ_ema + (1−d)·θ; buffers (actnorm statistics) are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | None = None, *,
+          val_source=None, resume: bool = False, force: bool = False,
+          progress: Callable[[dict], None] | None = None, data_info: dict | None = None) -> dict:
+    """Train an FTDDM bundle on batches from `source` (see data.BatchSource); returns a summary dict.
+
+    Writes RUN/last.safetensors (resumable state), RUN/best.safetensors and RUN/model.safetensors (EMA models,
+    loadable with ftddm_core.load_model), RUN/log.csv, RUN/run.json and RUN/loss.png.
+    """
+    opts = options or TrainOptions()
+    rank, world = _distributed()
+    device = resolve_device(opts.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    run = RunDirectory(out)
+    if rank == 0:
+        run.prepare(resume=resume, force=force)
+    if world > 1:
+        dist.barrier()
+
+    torch.manual_seed(opts.seed)
+    model = FTDDM(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt_unet = torch.optim.Adam(model.unet.parameters(), lr=opts.lr)
+    opt_flow = torch.optim.Adam(model.flow.parameters(), lr=opts.flow_lr, betas=(0.5, 0.9))
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(opts.seed * 1000 + rank)
+    data_gen = torch.Generator().manual_seed(opts.seed * 1000 + 7 + rank)
+    generators = {"noise": gen, "data": data_gen} if world == 1 else {}  # per-rank states are not gathered
+
+    step, best_val = 0, math.inf
+    if resume:
+        step, best_val = load_training_state(run.last, model, ema, opt_unet, opt_flow, generators)
+    else:
+        # Actnorm's data-dependent initialisation on a first batch, before DDP syncs rank 0's weights.
+        with torch.no_grad():
+            b = _to(source.sample_batch(opts.batch_size, data_gen), device)
+            model.flow.train()(_flow_init_target(model, b), b["cond"])
+        ema.load_state_dict(model.state_dict())
+
+    stepper: nn.Module = TrainingStep(model, opts)
+    if world > 1:
+        unused = opts.stage != "both" or config.kind == "regression"
+        stepper = nn.parallel.DistributedDataParallel(stepper, find_unused_parameters=unused)
+
+    log_rows = _read_log(run.log_csv) if resume else []
+    t0, seen = time.time(), 0
+    running, running_n = {}, 0
+    model.train()
+    while step < opts.iterations:
+        # --- learning rates -------------------------------------------------------------------
+        for g in opt_unet.param_groups:
+            g["lr"] = opts.lr * (1.0 - step / opts.iterations)
+        for g in opt_flow.param_groups:
+            g["lr"] = opts.flow_lr * flow_lr_factor(step, opts.iterations)
+
+        # --- forward / backward ---------------------------------------------------------------
+        batch = _to(source.sample_batch(opts.batch_size, data_gen), device)
+        with autocast(device, opts.bf16):
+            losses = stepper(batch, gen)
+        opt_unet.zero_grad(set_to_none=True)
+        opt_flow.zero_grad(set_to_none=True)
+        if not torch.isfinite(losses["total"]):
+            raise FloatingPointError(f"non-finite loss at step {step}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }")
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), opts.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.flow.parameters(), opts.grad_clip)
+        opt_unet.step()
+        opt_flow.step()
+        ema_update(ema, model, opts.ema_decay if step > 0 else 0.0)
+        step += 1
+        seen += 1
+
+        # --- log (means over the logging interval; single-batch losses are too noisy to read) ----------
+        current = {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in current.items():
+            running[k] = running.get(k, 0.0) + v
+        running_n += 1
+        if progress and rank == 0:
+            progress({"step": step, **current, "iterations": opts.iterations, "seconds": time.time() - t0})
+        row = {"step": step}
+        if step % opts.log_every == 0 or step == opts.iterations:
+            row.update({k: v / running_n for k, v in running.items()})
+            running, running_n = {}, 0
+            row["seconds_per_iter"] = (time.time() - t0) / max(seen, 1)
+            row["lr"] = opt_unet.param_groups[0]["lr"]
+
+        # --- validate + checkpoint ---------------------------------------------------------------
+        if rank == 0 and (step % opts.val_every == 0 or step == opts.iterations):
+            if val_source is not None:
+                row["val"] = validate(ema, val_source, opts, device)
+                if row["val"] < best_val:
+                    best_val = row["val"]
+                    ema.save(run.best, overwrite=True, extra={"training": {"step": step, "val_loss": best_val}})
+            save_training_state(run.last, model, ema, opt_unet, opt_flow, step, best_val, opts,
+                                data_info=data_info or {}, generators=generators)
+        if rank == 0 and ("seconds_per_iter" in row or "val" in row):
+            log_rows.append(row)
+            _write_log(run, log_rows, config, opts, data_info)
+        if world > 1 and step % opts.val_every == 0:
+            dist.barrier()
+
+    if rank == 0:
+        ema.save(run.final, overwrite=True, extra={"training": {"step": step, "best_val": best_val,
+                                                                "data": data_info or {}}})
+        _plot_curve(run, log_rows)
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "best_val": best_val, "run": str(run.root), "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def validate(model: FTDDM, source, opts: TrainOptions, device) -> float:
+    """Mean validation loss of the EMA model on fixed batches (fixed seed, so runs are comparable)."""
+    gen = torch.Generator().manual_seed(12345)
+    noise_gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(54321)
+    val_opts = copy.copy(opts)
+    step = TrainingStep(model, val_opts)
+    total = 0.0
+    for _ in range(opts.val_batches):
+        batch = _to(source.sample_batch(opts.batch_size, gen), device)
+        total += float(step(batch, noise_gen)["total"])
+    return total / opts.val_batches
+
+
+def _flow_init_target(model: FTDDM, batch) -> torch.Tensor:
+    from .losses import flow_target
+
+    return flow_target(model.schedule, batch["x0"], model.config.diffusion.t_trunc)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(fh)]
+
+
+def _write_log(run: RunDirectory, rows: list[dict], config, opts, data_info) -> None:
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+    tmp = run.log_csv.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, run.log_csv)
+    info = {"config": config.to_dict(), "options": asdict(opts), "data": data_info or {}, "log": rows[-1]}
+    tmp = run.run_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run.run_json)
+
+
+def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, keys in zip(axes, (("diffusion", "regression"), ("flow", "nll", "guide"))):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k)
+        ax.set_xlabel("iteration")
+        ax.legend()
+    vals = [(r["step"], r["val"]) for r in rows if "val" in r]
+    if vals:
+        axes[0].twinx().plot(*zip(*vals), "k--", label="val (total)")
+    fig.tight_layout()
+    fig.savefig(run.curve, dpi=100)
+    plt.close(fig)
+
+
+def option_fields() -> list[str]:
+    """Names of TrainOptions fields (the CLI generates its flags from them once)."""
+    return [f.name for f in fields(TrainOptions)]

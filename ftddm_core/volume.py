@@ -1,0 +1,633 @@
+"""Geometry, resampling and image I/O for `ftddm super-resolve` (the only ftddm_core module besides data/cli
+that touches files).
+
+Conventions
+-----------
+* A :class:`Volume` holds ``data`` in nibabel order (i, j, k[, c]) — metabolites (or any channel) on the 4th
+  axis — and ``affine``, the 4×4 voxel → RAS (mm) matrix: ``xyz = affine @ (i, j, k, 1)``.
+* ITK/SimpleITK are LPS and store arrays as (k, j, i): converting negates the first two rows of the affine
+  and transposes the array (:func:`to_sitk`, :func:`from_sitk`).
+
+Target grid of the centred FFT zero-fill (sample-aligned)
+---------------------------------------------------------
+``kspace.fft2c`` puts DC at index N//2 (``ifftshift`` first), so image sample n of an N-point grid sits at
+position (n − N//2)·Δ relative to the point the Fourier phase refers to. Zero-filling m samples of spacing Δ
+onto N = f·m samples keeps the spectrum (and that reference point) and evaluates the same band-limited
+(trigonometric) interpolant at spacing Δ/f. Equating positions,
+
+    (n − N//2)·Δ/f = (i − m//2)·Δ   ⇔   i = m//2 + (n − N//2)/f,
+
+so HR voxel n sits at LR continuous index i₀ + n/f with **i₀ = m//2 − (N//2)·m/N** (:func:`hr_origin_index`).
+For even m and even N (every trained LR size 8…32 onto 64) i₀ = 0: HR voxel 0 is LR voxel 0 and HR voxel f·i
+is LR voxel i — same origin, same direction, in-plane spacing Δ/f, the slice axis untouched. For odd m, i₀ =
+−½: the HR grid starts half an LR voxel earlier. The field of view m·Δ = N·Δ/f is kept; the voxel *edges* are
+not aligned (that would be a different, non-FFT convention). Verified in Testing/ftddm_core/test_volume.py
+against the unique band-limited interpolant of LR samples evaluated at the HR voxel centres' physical positions.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import kspace, prep
+
+#: RAS ↔ LPS: negate x and y.
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Relative tolerance for "same grid" and "same field of view" comparisons.
+GRID_RTOL = 1e-4
+FOV_RTOL = 1e-3
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+# ---------------------------------------------------------------------------------------------- Volume
+@dataclass
+class Volume:
+    """An image in nibabel order (i, j, k[, c]) with its voxel → RAS (mm) affine; `path` only for messages."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+
+    def __post_init__(self):
+        self.data = np.asarray(self.data)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.data.ndim not in (3, 4):
+            raise ValueError(f"{self.name}: expected a 3D volume (i, j, k) or 4D (i, j, k, channels), "
+                             f"got shape {self.data.shape}")
+        if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
+            raise ValueError(f"{self.name}: expected a finite 4×4 affine, got {self.affine.shape}")
+        if abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
+            raise ValueError(f"{self.name}: the affine is singular (zero voxel size or degenerate axes)")
+
+    @property
+    def name(self) -> str:
+        return self.path or "<array>"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial matrix (i, j, k); channels are not included."""
+        return tuple(int(n) for n in self.data.shape[:3])
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.data.ndim == 3 else int(self.data.shape[3])
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size (mm) along i, j, k = norms of the affine's columns."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3×3 unit direction cosines (columns = i, j, k axes) in RAS."""
+        return self.affine[:3, :3] / self.spacing
+
+    @property
+    def origin(self) -> np.ndarray:
+        """RAS position (mm) of the centre of voxel (0, 0, 0)."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def fov(self) -> np.ndarray:
+        """Field of view (mm) along i, j, k = matrix × spacing."""
+        return np.asarray(self.shape) * self.spacing
+
+    def with_data(self, data: np.ndarray, path: str | None = None) -> "Volume":
+        """Same geometry, new data (same spatial shape)."""
+        data = np.asarray(data)
+        if data.shape[:3] != self.shape:
+            raise ValueError(f"new data has spatial shape {data.shape[:3]}, expected {self.shape}")
+        return Volume(data, self.affine.copy(), path if path is not None else self.path)
+
+    def channel(self, c: int) -> "Volume":
+        """The 3D volume of channel c (a 3D volume is its own channel 0)."""
+        if self.data.ndim == 3:
+            if c != 0:
+                raise ValueError(f"{self.name} is 3D: only channel 0 exists")
+            return self
+        return Volume(self.data[..., c], self.affine.copy(), self.path)
+
+    def voxel_to_world(self, ijk) -> np.ndarray:
+        """RAS (mm) of (continuous) voxel indices (…, 3)."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_voxel(self, xyz) -> np.ndarray:
+        """Continuous voxel indices of RAS points (…, 3)."""
+        inv = np.linalg.inv(self.affine)
+        return np.asarray(xyz, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def volume_from_array(data, affine, path: str | None = None) -> Volume:
+    """A :class:`Volume` from an (i, j, k[, c]) array and a voxel → RAS affine (validated)."""
+    return Volume(np.asarray(data), np.asarray(affine, dtype=np.float64), path)
+
+
+# ---------------------------------------------------------------------------------------- SimpleITK
+def _geometry_to_lps(affine: np.ndarray) -> tuple[list, list, list]:
+    """(spacing, direction (row-major), origin) of an ITK image with the given voxel → RAS affine."""
+    lps = _LPS @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return spacing.tolist(), direction.ravel().tolist(), lps[:3, 3].tolist()
+
+
+def _affine_from_itk(image: sitk.Image) -> np.ndarray:
+    """Voxel → RAS affine of the first three axes of an ITK image."""
+    dim = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing())[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = np.asarray(image.GetOrigin())[:3]
+    return _LPS @ lps
+
+
+def to_sitk(volume: Volume) -> sitk.Image:
+    """SimpleITK image (LPS) of a volume; 4D data becomes a vector image (one component per channel)."""
+    data = np.asarray(volume.data)
+    if np.iscomplexobj(data):
+        raise ValueError(f"{volume.name}: complex data cannot go to SimpleITK; take the magnitude first")
+    if data.dtype == np.float16 or data.dtype == bool:
+        data = data.astype(np.float32)
+    # ITK arrays are (k, j, i[, c]).
+    arr = np.ascontiguousarray(np.transpose(data, (2, 1, 0) + ((3,) if data.ndim == 4 else ())))
+    image = sitk.GetImageFromArray(arr, isVector=data.ndim == 4)
+    spacing, direction, origin = _geometry_to_lps(volume.affine)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin(origin)
+    return image
+
+
+def from_sitk(image: sitk.Image, path: str | None = None) -> Volume:
+    """Volume (RAS, (i, j, k[, c])) of a 3D scalar/vector or 4D scalar SimpleITK image."""
+    name = path or "<SimpleITK image>"
+    dim = image.GetDimension()
+    if dim < 3:
+        raise ValueError(f"{name}: a {dim}D image; expected a 3D volume (i, j, k) or 4D (i, j, k, channels)")
+    if dim > 4:
+        raise ValueError(f"{name}: a {dim}D image; expected at most 4D (i, j, k, channels)")
+    arr = sitk.GetArrayFromImage(image)  # (k, j, i[, c]) or (t, k, j, i)
+    if dim == 4:
+        arr = np.moveaxis(arr, 0, -1)  # → (k, j, i, t)
+    if arr.ndim == 4:
+        data = np.transpose(arr, (2, 1, 0, 3))
+    else:
+        data = np.transpose(arr, (2, 1, 0))
+    return Volume(np.ascontiguousarray(data), _affine_from_itk(image), path)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+        data = img.get_fdata(dtype=np.float32)  # applies scl_slope/inter: physical units
+    except Exception as err:  # nibabel raises several types for corrupt files
+        raise ValueError(f"{path}: not a readable NIfTI image ({err}); expected a .nii/.nii.gz volume") from err
+    affine = np.asarray(img.affine, dtype=np.float64)
+    # Spatial units other than mm are rescaled so every affine downstream is in mm.
+    unit = img.header.get_xyzt_units()[0]
+    to_mm = {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
+    if to_mm != 1.0:
+        affine = affine.copy()
+        affine[:3, :] *= to_mm
+    return data, affine
+
+
+def _read_with_sitk(path: Path) -> sitk.Image:
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ValueError("no DICOM series in the folder")
+            if len(series) > 1:
+                raise ValueError(f"{len(series)} DICOM series in the folder ({', '.join(series)}); "
+                                 "put one series per folder")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except (RuntimeError, ValueError) as err:
+        reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), type(err).__name__)
+        raise ValueError(f"{path}: not a readable image ({reason}); "
+                         "expected NIfTI (.nii/.nii.gz), a format SimpleITK reads (.nrrd, .mha, .mhd, …) "
+                         "or a DICOM series folder") from err
+
+
+def _squeeze_extra_axes(data: np.ndarray) -> np.ndarray:
+    """Drop singleton axes after the third (NIfTI stores vectors on the 5th axis, e.g. (x, y, z, 1, c))."""
+    keep = [a for a in range(data.ndim) if a < 3 or data.shape[a] != 1]
+    return data.reshape([data.shape[a] for a in keep])
+
+
+def _check_values(data: np.ndarray, name: str, nan_policy: str, allow_all_zero: bool) -> np.ndarray:
+    if nan_policy not in ("raise", "zero"):
+        raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum())
+    if n_bad:
+        msg = f"{name}: {n_bad} of {data.size} voxels are NaN or inf"
+        if nan_policy == "raise":
+            raise ValueError(msg + "; fix the file or pass nan_policy='zero' to set them to 0")
+        warnings.warn(msg + "; they were set to 0", stacklevel=3)
+        data = np.where(bad, 0, data).astype(data.dtype)
+    if not allow_all_zero and not np.any(data):
+        raise ValueError(f"{name}: every voxel is 0; expected a map with signal")
+    return data
+
+
+def load_volume(path, *, nan_policy: str = "raise", allow_all_zero: bool = False) -> Volume:
+    """Read a 3D (or 4D, channels last) image: NIfTI with nibabel, anything else (or a DICOM folder) with SimpleITK.
+
+    Data come back in physical units (NIfTI scaling applied) as float32, the affine in mm RAS.
+    NaN/inf voxels: ``nan_policy="raise"`` (default) refuses, ``"zero"`` sets them to 0 with a warning.
+    An all-zero image is refused unless ``allow_all_zero`` (e.g. an optional mask).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; expected an image volume")
+    if _is_nifti(path):
+        data, affine = _read_nifti(path)
+    else:
+        image = _read_with_sitk(path)
+        if image.GetDimension() < 3:
+            raise ValueError(f"{path}: a {image.GetDimension()}D image; expected a 3D volume (i, j, k) "
+                             "or 4D (i, j, k, channels)")
+        vol = from_sitk(image, str(path))
+        data, affine = vol.data, vol.affine
+        if not np.iscomplexobj(data):
+            data = data.astype(np.float32)
+    if data.ndim < 3:
+        raise ValueError(f"{path}: a {data.ndim}D image of shape {data.shape}; expected a 3D volume "
+                         "(a single slice is (X, Y, 1)) or 4D (i, j, k, channels)")
+    data = _squeeze_extra_axes(data)
+    if data.ndim > 4:
+        raise ValueError(f"{path}: a {data.ndim}D image of shape {data.shape}; expected 3D or 4D "
+                         "(i, j, k, channels)")
+    data = _check_values(data, str(path), nan_policy, allow_all_zero)
+    return Volume(data, affine, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
+    """Write a NIfTI (.nii/.nii.gz) atomically: float32 data unchanged (input units), sform/qform = affine, mm.
+
+    The file appears complete or not at all (temporary file in the same folder + os.replace; the temporary is
+    removed on any exception, KeyboardInterrupt included). An existing file is refused unless overwrite=True.
+    """
+    path = Path(path)
+    if not _is_nifti(path):
+        raise ValueError(f"{path}: output must be a NIfTI file ending in .nii or .nii.gz")
+    if np.iscomplexobj(volume.data):
+        raise ValueError(f"{path}: complex data cannot be saved; take the magnitude (np.abs) first")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine)
+    img.set_sform(volume.affine, code=1)
+    # qform cannot hold a shear; leave it unset then so readers use the exact sform.
+    rot = volume.direction
+    img.set_qform(volume.affine, code=1 if np.allclose(rot.T @ rot, np.eye(3), atol=1e-6) else 0)
+    img.header.set_xyzt_units(xyz="mm", t="sec")
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + suffix, dir=path.parent)
+        os.close(fd)
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written file behind
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------- slice axis
+def _check_axis(axis: int) -> int:
+    if axis not in (0, 1, 2):
+        raise ValueError(f"slice axis must be 0, 1 or 2, got {axis!r}")
+    return int(axis)
+
+
+def inplane_axes(axis: int) -> tuple[int, int]:
+    """The two in-plane voxel axes (increasing order) for a slice axis."""
+    return tuple(a for a in range(3) if a != _check_axis(axis))
+
+
+def slice_axis(volume: Volume, override: int | None = None) -> int:
+    """The through-slab voxel axis of an MRSI volume (``override`` 0/1/2 wins).
+
+    Rule, applied in order until one axis remains: (1) the two other axes form a square matrix;
+    (2) the two other axes have the same field of view (k-space truncation keeps the in-plane FOV square);
+    (3) the axis most aligned with superior–inferior (largest |S component| of its direction).
+    E.g. 16×16×10 → axis 2; 16×16×16 at 13.6×13.6×3.4 mm → axis 2; 10×16×16 → axis 0.
+    """
+    if override is not None:
+        return _check_axis(override)
+    shape, fov = volume.shape, volume.fov
+    candidates = [0, 1, 2]
+    tests = (
+        lambda a: shape[inplane_axes(a)[0]] == shape[inplane_axes(a)[1]],
+        lambda a: math.isclose(fov[inplane_axes(a)[0]], fov[inplane_axes(a)[1]], rel_tol=FOV_RTOL),
+    )
+    for test in tests:
+        passing = [a for a in candidates if test(a)]
+        if len(passing) == 1:
+            return passing[0]
+        if passing:
+            candidates = passing
+    superior = np.abs(volume.direction[2, candidates])
+    return candidates[int(np.argmax(superior))]
+
+
+# ------------------------------------------------------------------------------------------ target grid
+def hr_origin_index(m: int, n: int) -> float:
+    """LR continuous index of HR voxel 0 when the centred FFT zero-fills m samples onto n: m//2 − (n//2)·m/n."""
+    return m // 2 - (n // 2) * m / n
+
+
+def lr_matrix_range(model_size: int = 64, scale_range: tuple[float, float] = (2.0, 8.0)) -> tuple[int, int]:
+    """Smallest and largest LR matrix m with s = model_size/m inside the trained scale range."""
+    s_min, s_max = scale_range
+    return math.ceil(model_size / s_max - 1e-9), math.floor(model_size / s_min + 1e-9)
+
+
+def check_lr_matrix(m: int, model_size: int = 64, scale_range=(2.0, 8.0), *, force: bool = False) -> float:
+    """Factor s = model_size/m; ValueError outside the trained range unless force (m ≤ model_size always)."""
+    if m > model_size or m < 1:
+        raise ValueError(f"in-plane LR matrix {m} cannot be zero-filled onto the {model_size}×{model_size} "
+                         f"model grid; expected 1 … {model_size}")
+    lo, hi = lr_matrix_range(model_size, scale_range)
+    if not lo <= m <= hi and not force:
+        raise ValueError(f"in-plane LR matrix {m} (s = {model_size / m:.2f}) is outside the trained range "
+                         f"{lo} … {hi} (s = {scale_range[0]:g} … {scale_range[1]:g}); "
+                         "pass force=True to run anyway")
+    return model_size / m
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Target (zero-filled / SR) grid: affine (voxel → RAS), spatial shape, factor s, slice axis, LR matrix."""
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    factor: float
+    axis: int
+    lr_matrix: int
+
+
+def _refine_axes(affine: np.ndarray, shape: tuple, axes, new_size: int) -> tuple[np.ndarray, tuple]:
+    """Affine/shape after zero-filling each of `axes` from its size to new_size (sample-aligned, see module doc)."""
+    out, shape = affine.copy(), list(shape)
+    for a in axes:
+        m = shape[a]
+        out[:3, 3] += affine[:3, a] * hr_origin_index(m, new_size)  # HR voxel 0 at LR index i0
+        out[:3, a] = affine[:3, a] * (m / new_size)  # spacing / f, same direction
+        shape[a] = new_size
+    return out, tuple(shape)
+
+
+def target_grid(lr: Volume, axis: int, model_size: int = 64, *, scale_range=(2.0, 8.0),
+                force: bool = False) -> ModelGrid:
+    """The model grid of an LR volume: in-plane m×m → model_size², spacing/f, same direction, sample-aligned
+    origin (HR voxel 0 at LR index m//2 − (N//2)·m/N, i.e. the same point for even m); slice axis unchanged."""
+    axes = inplane_axes(axis)
+    m1, m2 = (lr.shape[a] for a in axes)
+    if m1 != m2:
+        raise ValueError(f"{lr.name}: in-plane matrix {m1}×{m2} is not square; call squarify_inplane() first "
+                         "(k-space zero-padding, needs equal in-plane fields of view)")
+    factor = check_lr_matrix(m1, model_size, scale_range, force=force)
+    affine, shape = _refine_axes(lr.affine, lr.shape, axes, model_size)
+    return ModelGrid(affine, shape, factor, axis, m1)
+
+
+def squarify_inplane(volume: Volume, axis: int) -> Volume:
+    """Zero-pad the k-space of a non-square in-plane matrix (m1 ≠ m2, equal FOVs) to max(m1, m2)².
+
+    Returns complex data (the exact band-limited interpolant, so a later zero-fill equals zero-filling the
+    original block directly; take the magnitude after the final zero-fill). Refuses unequal fields of view:
+    k-space padding can only refine the sampling of the same FOV.
+    """
+    axes = inplane_axes(axis)
+    m1, m2 = (volume.shape[a] for a in axes)
+    if m1 == m2:
+        return volume
+    fov1, fov2 = (volume.fov[a] for a in axes)
+    if not math.isclose(fov1, fov2, rel_tol=FOV_RTOL):
+        raise ValueError(f"{volume.name}: in-plane matrix {m1}×{m2} with fields of view {fov1:.2f}×{fov2:.2f} mm; "
+                         "k-space zero-padding to a square matrix needs equal in-plane FOVs — resample the map "
+                         "to a square grid first")
+    size = max(m1, m2)
+    slices = to_slices(volume.data, axis)
+    padded = kspace.zero_fill(slices, size)  # per in-plane axis: m → size (a no-op on the larger one)
+    affine, _ = _refine_axes(volume.affine, volume.shape, axes, size)
+    return Volume(from_slices(padded, axis), affine, volume.path)
+
+
+# ---------------------------------------------------------------------------------------- slice layout
+def to_slices(data, axis: int) -> np.ndarray:
+    """(i, j, k[, c]) → (*c, N, a, b): channels first, then the slice axis; in-plane axes in order at (−2, −1)."""
+    data = data.data if isinstance(data, Volume) else np.asarray(data)
+    axis = _check_axis(axis)
+    if data.ndim not in (3, 4):
+        raise ValueError(f"expected (i, j, k) or (i, j, k, c) data, got shape {data.shape}")
+    if data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    return np.moveaxis(data, data.ndim - 3 + axis, data.ndim - 3)
+
+
+def from_slices(arr, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_slices`: (*c, N, a, b) → (i, j, k[, c])."""
+    arr = np.asarray(arr)
+    axis = _check_axis(axis)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"expected (N, a, b) or (c, N, a, b) slices, got shape {arr.shape}")
+    out = np.moveaxis(arr, arr.ndim - 3, arr.ndim - 3 + axis)
+    return np.moveaxis(out, 0, 3) if out.ndim == 4 else out
+
+
+# ------------------------------------------------------------------------------------------- resampling
+def _reference_image(affine: np.ndarray, shape) -> sitk.Image:
+    ref = sitk.Image([int(n) for n in shape[:3]], sitk.sitkFloat32)
+    spacing, direction, origin = _geometry_to_lps(np.asarray(affine, dtype=np.float64))
+    ref.SetSpacing(spacing)
+    ref.SetDirection(direction)
+    ref.SetOrigin(origin)
+    return ref
+
+
+def antialias_sigma_mm(source_spacing, target_affine) -> np.ndarray:
+    """Gaussian pre-filter σ (mm) per source axis so a finer image is averaged over the coarser target voxel.
+
+    σ = ½·√(Δ_target² − Δ_source²) with Δ_target the target's smallest voxel size (0 when not coarser).
+    """
+    target = float(np.linalg.norm(np.asarray(target_affine, dtype=np.float64)[:3, :3], axis=0).min())
+    src = np.asarray(source_spacing, dtype=np.float64)
+    return 0.5 * np.sqrt(np.clip(target ** 2 - src ** 2, 0.0, None))
+
+
+def resample_to_grid(volume: Volume, affine, shape, *, interpolation: str = "linear",
+                     default: float = 0.0, antialias: bool = True) -> np.ndarray:
+    """Values of `volume` at the voxel centres of the (affine, shape) grid, in physical space (SimpleITK).
+
+    Returns float32 (i, j, k[, c]); points outside the moving volume get `default`. With linear interpolation
+    onto a coarser grid the image is first smoothed (antialias_sigma_mm), so a 1 mm T1 becomes what a 3.4 mm
+    voxel sees instead of an aliased point sample. Training data (data.py) goes through this same function.
+    """
+    methods = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+    if interpolation not in methods:
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    ref = _reference_image(affine, shape)
+    channels = [volume.channel(c) for c in range(volume.n_channels)]
+    sigma = antialias_sigma_mm(volume.spacing, affine)
+    out = []
+    for vol in channels:
+        moving = to_sitk(Volume(np.asarray(vol.data, dtype=np.float32), vol.affine, vol.path))
+        if antialias and interpolation == "linear" and np.any(sigma > 0.05 * volume.spacing):
+            moving = sitk.SmoothingRecursiveGaussian(moving, [float(max(s, 1e-6)) for s in sigma])
+        res = sitk.Resample(moving, ref, sitk.Transform(), methods[interpolation], float(default), sitk.sitkFloat32)
+        out.append(np.transpose(sitk.GetArrayFromImage(res), (2, 1, 0)))
+    return out[0] if volume.data.ndim == 3 else np.stack(out, axis=-1)
+
+
+def grid_centres(affine, shape) -> np.ndarray:
+    """RAS (mm) of every voxel centre of a grid, shape (*shape, 3)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape[:3]], indexing="ij"), axis=-1).astype(np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def overlap_fraction(moving: Volume, target_affine, target_shape) -> float:
+    """Fraction of the target grid's voxel centres that lie inside the moving volume's voxels."""
+    ijk = moving.world_to_voxel(grid_centres(target_affine, target_shape))
+    inside = np.all((ijk >= -0.5) & (ijk <= np.asarray(moving.shape) - 0.5), axis=-1)
+    return float(inside.mean())
+
+
+def check_overlap(moving: Volume, target_affine, target_shape, min_fraction: float = 0.5,
+                  target_name: str | None = None) -> float:
+    """ValueError unless ≥ min_fraction of the target (MRSI) field of view is covered by `moving` (T1/FLAIR)."""
+    frac = overlap_fraction(moving, target_affine, target_shape)
+    if frac < min_fraction:
+        raise ValueError(f"{moving.name} covers only {100 * frac:.0f}% of the MRSI field of view of "
+                         f"{target_name or 'the target grid'} (need ≥ {100 * min_fraction:.0f}%); "
+                         "are they from the same session and in the same scanner coordinates?")
+    return frac
+
+
+def resample_mask(mask: Volume, affine, shape) -> np.ndarray:
+    """A (quality) mask on the target grid: nearest neighbour, non-zero → True; outside its FOV → False."""
+    return resample_to_grid(mask, affine, shape, interpolation="nearest", default=0.0) != 0
+
+
+def prepare_mri(t1: Volume, flair: Volume, affine, shape, mask=None, *, target_name: str | None = None,
+                min_overlap: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """T1 and FLAIR resampled (linear) onto the target grid and scaled to [0, 1] by prep.unit_range.
+
+    The robust percentiles are taken over the whole target volume (inside `mask`, a target-grid boolean array,
+    when given). Each image must cover ≥ min_overlap of the target field of view.
+    """
+    out = []
+    for image in (t1, flair):
+        check_overlap(image, affine, shape, min_overlap, target_name)
+        resampled = resample_to_grid(image, affine, shape, interpolation="linear")
+        out.append(prep.unit_range(resampled, mask))
+    return out[0], out[1]
+
+
+# -------------------------------------------------------------------------------------------- auto mask
+def _largest_component(binary: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(binary)
+    if n <= 1:
+        return binary.astype(bool)
+    sizes = ndimage.sum(binary, labels, index=np.arange(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def brain_mask(t1: np.ndarray, axis: int = 0, erosion: int = 1) -> np.ndarray:
+    """Brain from a T1 on the target grid: Otsu threshold, largest 3D component, per-slice holes filled, eroded."""
+    from skimage.filters import threshold_otsu
+
+    t1 = np.asarray(t1, dtype=np.float64)
+    if np.ptp(t1) == 0:
+        return np.zeros(t1.shape, dtype=bool)
+    brain = _largest_component(t1 > threshold_otsu(t1.ravel()))  # ravel: 3D, not RGB
+    slices = to_slices(brain, axis)
+    out = np.empty_like(slices)
+    for n, sl in enumerate(slices):
+        filled = ndimage.binary_fill_holes(sl)
+        out[n] = ndimage.binary_erosion(filled, iterations=erosion) if erosion > 0 else filled
+    return from_slices(out, axis)
+
+
+def signal_support(lr_zf: np.ndarray, axis: int = 0, fraction: float = 0.05,
+                   percentile: float = prep.SCALE_PERCENTILE) -> np.ndarray:
+    """Per slice: |LR_zf| > fraction × its robust maximum (the `percentile` of |LR_zf| in that slice)."""
+    mag = to_slices(np.abs(np.asarray(lr_zf)), axis)
+    robust_max = np.percentile(mag.reshape(len(mag), -1), percentile, axis=1)
+    support = (mag > fraction * robust_max[:, None, None]) & (robust_max[:, None, None] > 0)
+    return from_slices(support, axis)
+
+
+def auto_mask(lr_zf: np.ndarray, t1: np.ndarray | None = None, axis: int = 0, *, fraction: float = 0.05,
+              erosion: int = 1) -> np.ndarray:
+    """Quality mask when the user gives none: brain_mask(T1) AND signal_support(|LR_zf|).
+
+    * Brain (if a T1 resampled onto the target grid is given): voxels above the Otsu threshold of the T1
+      volume, keep the largest 3D connected component (drops skull/eye fragments), fill holes slice by slice
+      (ventricles and lesions stay in), erode by `erosion` voxels (drops the skull/lipid rim).
+    * MRSI signal support, slice by slice: |zero-filled LR| > `fraction` (5%) of that slice's robust maximum
+      (99.5th percentile, as prep.normalisation_scale) — excludes regions without MRSI signal.
+    Arrays share one shape, in volume order with slice `axis` (axis=0 for an (N, H, W) slice stack).
+    """
+    support = signal_support(lr_zf, axis, fraction)
+    if t1 is None:
+        return support
+    t1 = np.asarray(t1)
+    if t1.shape != support.shape:
+        raise ValueError(f"T1 shape {t1.shape} differs from the LR shape {support.shape}; resample T1 first")
+    return support & brain_mask(t1, axis, erosion)
+
+
+# ---------------------------------------------------------------------------------------- grid checks
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Same spatial matrix and affine (to GRID_RTOL of the voxel size)."""
+    tol = GRID_RTOL * float(min(a.spacing.min(), b.spacing.min()))
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, rtol=0, atol=tol)
+
+
+def check_same_grid(volumes) -> None:
+    """ValueError naming the files whose matrix or affine differs from the first volume's."""
+    volumes = list(volumes)
+    if not volumes:
+        raise ValueError("expected at least one volume")
+    ref = volumes[0]
+    differ = [v for v in volumes[1:] if not same_grid(ref, v)]
+    if differ:
+        names = ", ".join(f"{v.name} (matrix {v.shape})" for v in differ)
+        raise ValueError(f"metabolite volumes must share one grid: {names} differ from {ref.name} "
+                         f"(matrix {ref.shape}); resample them to one MRSI grid first")
+
+
+def stack_channels(volumes) -> Volume:
+    """3D volumes on one grid → one 4D volume (channels last)."""
+    volumes = list(volumes)
+    check_same_grid(volumes)
+    if any(v.data.ndim != 3 for v in volumes):
+        raise ValueError("stack_channels expects 3D volumes")
+    return Volume(np.stack([v.data for v in volumes], axis=-1), volumes[0].affine.copy(), volumes[0].path)
