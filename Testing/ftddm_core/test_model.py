@@ -111,3 +111,29 @@ def test_load_model_default_missing_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(m, "DEFAULT_MODEL", tmp_path / "none.safetensors")
     with pytest.raises(FileNotFoundError, match="default model"):
         load_model(None, device="cpu")
+
+
+def test_device_selection():
+    from ftddm_core.device import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_bf16_autocast_sampling_is_close_to_fp32(tiny_model):
+    from ftddm_core.device import autocast
+
+    cond, scale = tiny_condition(2)
+    kw = dict(sampler="dpmpp", steps=3, tau_f=0.0)
+    ref = tiny_model.sample(cond, scale, **kw).mean
+    with autocast(torch.device("cpu"), True):
+        fast = tiny_model.sample(cond, scale, **kw).mean
+    assert fast.dtype == torch.float32
+    assert float((fast - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-3
