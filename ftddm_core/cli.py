@@ -1,4 +1,4 @@
-"""The `ftddm` command line: phantom, train, super-resolve, demo.
+"""The `ftddm` command line: phantom, train, super-resolve, demo, evaluate.
 
 Each subcommand is a thin layer over the Python API; errors a user can fix are printed as one clear line
 (exit code 2) instead of a traceback.

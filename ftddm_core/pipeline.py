@@ -179,6 +179,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                 lr_slices.reshape(-1, m, m)[active], size)), block) / norm[active, None, None]
             kw.update(data_consistency=opts.data_consistency,
                       measured_kspace=torch.as_tensor(measured, dtype=torch.complex64, device=device)[:, None])
+
         def report(info):
             if progress:
                 done = int(info["chunk"]) * int(info["total"]) + int(info["step"])
