@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import baselines, metrics, volume as vol
+from . import baselines, kspace, metrics, volume as vol
 from .phantom import make_patient
 
 FIGURE_METABOLITES = ("NAA", "tCho")
@@ -19,8 +19,6 @@ def simulate_lr(hr: vol.Volume, lr_size: int, axis: int = 2) -> vol.Volume:
     The LR grid is the sample-aligned coarse grid of the HR one (volume.target_grid inverts it exactly).
     """
     slices = vol.to_slices(hr.data, axis)
-    from . import kspace
-
     lr = np.abs(kspace.downsample(slices, lr_size)).astype(np.float32)
     n = hr.shape[vol.inplane_axes(axis)[0]]
     affine = hr.affine.copy()
