@@ -391,9 +391,15 @@ def _training_metadata(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
     try:
-        return json.loads(meta.get("training", "{}")) or {}
-    except json.JSONDecodeError:
+        if "training" in meta:  # a file written by `ftddm train`
+            return json.loads(meta["training"]) or {}
+        # a packaged model (scripts/package_default_model.py) keeps it in its model card
+        training = dict(json.loads(meta.get("model_card", "{}")).get("training") or {})
+    except (json.JSONDecodeError, AttributeError):
         return {}
+    if "iterations" in training:
+        training.setdefault("step", training["iterations"])
+    return training
 
 
 def load_models(model_path, ddpm_path, regression_path, device) -> dict[str, LoadedModel]:
@@ -1107,12 +1113,31 @@ def _training_line(lm: LoadedModel) -> str:
             f"{d.get('split_seed', '?')}, {lm.training.get('step', '?')} iterations")
 
 
+def _machine_line(device) -> str:
+    """Where the timings come from: CPU model and torch threads, or the GPU's name."""
+    import platform
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{device} on {cpu}, {torch.get_num_threads()} torch threads"
+
+
 def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes, figs, headline) -> str:
     opts, out = ctx.opts, ctx.out_dir
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
     L: list[str] = ["# FTDDM evaluation report", ""]
     L.append(f"ftddm {__version__} · device `{ctx.device}`{' (bf16 autocast)' if opts.bf16 else ''} · "
              f"{len(ctx.jobs)} runs ({sum(bool(r.get('cached')) for r in ctx.results.values())} from the cache)")
+    compute_min = sum(float(r.get("seconds", 0.0)) for r in ctx.results.values()) / 60
+    L.append("")
+    L.append(f"Compute: {compute_min:.1f} min of wall time summed over the runs (as recorded when each was computed), "
+             f"{_machine_line(ctx.device)}.")
     L += ["", "## Data and models", ""]
     L.append(f"- Dataset `{ctx.data_dir}`: {len(ctx.all_ids)} patients; fold {opts.fold} of {min(5, len(ctx.all_ids))} "
              f"(split seed {ctx.split_seed}); test patients: {', '.join(ctx.test_ids)}.")
@@ -1159,7 +1184,7 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
         L.append("")
         L.append(f"Both models: FTDDM — {_training_line(main)}; DDPM — {_training_line(ddpm_lm)}"
                  + ("" if same else " (**not** verified to be the same training data/iterations)") + ".")
-        L.append(f"Means over {', '.join(f'{k}: {v}' for k, v in headline['n_maps'].items())} maps per scale; with "
+        L.append(f"Means over {', '.join(f's={k}: {v}' for k, v in headline['n_maps'].items())} maps per scale; with "
                  "few maps the answer is indicative only.")
 
     # methods

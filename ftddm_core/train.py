@@ -290,7 +290,8 @@ def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | 
                 row["val"] = validate(ema, val_source, opts, device)
                 if row["val"] < best_val:
                     best_val = row["val"]
-                    ema.save(run.best, overwrite=True, extra={"training": {"step": step, "val_loss": best_val}})
+                    ema.save(run.best, overwrite=True, extra={"training": {"step": step, "val_loss": best_val,
+                                                                              "data": data_info or {}}})
             save_training_state(run.last, model, ema, opt_unet, opt_flow, step, best_val, opts,
                                 data_info=data_info or {}, generators=generators)
         if rank == 0 and ("seconds_per_iter" in row or "val" in row):

@@ -316,6 +316,19 @@ def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path,
     assert {r["method"] for r in read_csv(out / "methods.csv")} == {"zero_filled", "ftddm_dpmpp_10"}
 
 
+def test_training_record_is_read_from_a_training_run_and_from_a_packaged_model_card(tmp_path):
+    """The report's 'same training' check needs the split and iterations of both kinds of model file."""
+    data = {"dataset": "runs/phantom25", "fold": 0, "split_seed": 0}
+    run_file = micro_model().save(tmp_path / "run.safetensors", extra={"training": {"step": 6000, "data": data}})
+    card = {"name": "x", "training": {"iterations": 6000, "data": data}}
+    packaged = micro_model().save(tmp_path / "packaged.safetensors", extra={"model_card": card})
+    bare = micro_model().save(tmp_path / "bare.safetensors")
+    lines = [ev._training_line(SimpleNamespace(training=ev._training_metadata(p)))
+             for p in (run_file, packaged, bare)]
+    assert lines[0] == lines[1] == "trained on phantom25, fold 0, split seed 0, 6000 iterations"
+    assert lines[2] == "no training data recorded in the file"
+
+
 @pytest.mark.parametrize("change,message", [
     ({"--data": "missing"}, "not a folder"),
     ({"--model": "missing.safetensors"}, "model file not found"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from ftddm_core.config import preset
 from ftddm_core.data import training_sources
@@ -37,10 +38,12 @@ def test_a_few_steps_give_finite_losses_and_loadable_models(tiny_dataset, tmp_pa
     for r in rows:
         for key in ("diffusion", "nll", "guide", "total"):
             assert torch.isfinite(torch.tensor(float(r[key])))
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
     for name in ("model.safetensors", "best.safetensors"):
         model = FTDDM.load(tmp_path / "run" / name)
         assert model.config.name == "tiny"
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
+        with safe_open(str(tmp_path / "run" / name), framework="pt") as fh:  # the split travels with the model
+            assert json.loads(fh.metadata()["training"])["data"]["test"] == info["data"]["test"]
     assert info["data"]["train"] and not set(info["data"]["train"]) & set(info["data"]["test"])
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
