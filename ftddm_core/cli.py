@@ -115,11 +115,11 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import METHOD_NAMES, STUDIES, EvaluateOptions, parse_names, parse_scales, run_evaluation
 
-    opts = EvaluateOptions(fold=args.fold, scales=parse_scales(args.scales),
-                           methods=parse_names(args.methods, METHOD_NAMES, "method(s)"),
-                           studies=parse_names(args.studies, STUDIES, "stud(y/ies)"), max_slices=args.max_slices,
-                           samples=args.samples, seed=args.seed, device=args.device, bf16=args.bf16,
-                           max_batch=args.max_batch, tau_d=args.tau_d, tau_f=args.tau_f, split_seed=args.split_seed)
+    # every field comes from its flag (a field without one fails here, in the CLI tests, not silently)
+    parsed = {"scales": parse_scales(args.scales), "methods": parse_names(args.methods, METHOD_NAMES, "method(s)"),
+              "studies": parse_names(args.studies, STUDIES, "stud(y/ies)")}
+    opts = EvaluateOptions(**{f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name)
+                              for f in dataclasses.fields(EvaluateOptions)})
     progress = ProgressPrinter("evaluate", args.progress_lines)
     summary = run_evaluation(args.data, args.model, args.out, opts, ddpm_model=args.ddpm_model,
                              regression_model=args.regression_model, progress=progress)
