@@ -1128,6 +1128,28 @@ def _machine_line(device) -> str:
     return f"{device} on {cpu}, {torch.get_num_threads()} torch threads"
 
 
+# Where a headline gap comes from: the same start with more solver steps, a stochastic chain from the same
+# start, and the start itself (flow only vs zero-filling). Each is an SSIM difference between two methods.
+GAP_PROBES = (("more solver steps: K = 50 − K = 10", "ftddm_dpmpp_50", REFERENCE),
+              ("stochastic chain from the same flow start: ancestral Ttrunc − K = 10", "ftddm_anc_100", REFERENCE),
+              ("the flow start itself: flow only − zero-filling", "flow_only", "zero_filled"))
+
+
+def _gap_diagnosis(ctx, headline) -> list[str]:
+    """For the scales outside the margin: SSIM differences that localise the gap (solver, chain or start)."""
+    failing = [r["scale"] for r in headline.get("per_scale", []) if not r["within_margin"]]
+    probes = [(label, a, b) for label, a, b in GAP_PROBES if a in ctx.methods and b in ctx.methods]
+    if not failing or not probes:
+        return []
+    rows = [[f"{s:g}", f"{r['ssim_difference']:+.4f}"]
+            + [f"{_mean_metric(ctx.metric_rows(a, s), 'ssim') - _mean_metric(ctx.metric_rows(b, s), 'ssim'):+.4f}"
+               if (a, s) in ctx.job_of and (b, s) in ctx.job_of else "–" for _, a, b in probes]
+            for s, r in ((r["scale"], r) for r in headline["per_scale"] if r["scale"] in failing)]
+    return ["", "Where the gap comes from (Δ SSIM, mean over maps; ≈ 0 for more solver steps means the solver "
+            "has converged, so the gap lies in the start the chain inherits):", "",
+            md_table(["s", "FTDDM − DDPM"] + [label for label, _, _ in probes], rows)]
+
+
 def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes, figs, headline) -> str:
     opts, out = ctx.opts, ctx.out_dir
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
@@ -1186,6 +1208,7 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
                  + ("" if same else " (**not** verified to be the same training data/iterations)") + ".")
         L.append(f"Means over {', '.join(f's={k}: {v}' for k, v in headline['n_maps'].items())} maps per scale; with "
                  "few maps the answer is indicative only.")
+        L += _gap_diagnosis(ctx, headline)
 
     # methods
     L += ["", "## Methods", ""]

@@ -361,19 +361,23 @@ def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not rows:
+    groups = [[k for k in keys if any(k in r for r in rows)]
+              for keys in (("diffusion", "regression"), ("flow", "nll", "guide"))]
+    groups = [g for g in groups if g]  # one panel per trained stage (a diffusion-only run has no flow losses)
+    if not groups:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, keys in zip(axes, (("diffusion", "regression"), ("flow", "nll", "guide"))):
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], groups):
         for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k)
+            ax.plot(*zip(*[(r["step"], r[k]) for r in rows if k in r]), label=f"{k} (train)")
         ax.set_xlabel("iteration")
-        ax.legend()
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
     vals = [(r["step"], r["val"]) for r in rows if "val" in r]
-    if vals:
-        axes[0].twinx().plot(*zip(*vals), "k--", label="val (total)")
+    if vals:  # the EMA model's validation total, on its own axis (different magnitude early on)
+        twin = axes[0][0].twinx()
+        twin.plot(*zip(*vals), "k--", label="validation total (EMA)")
+        twin.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(run.curve, dpi=100)
     plt.close(fig)

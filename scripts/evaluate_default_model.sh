@@ -22,5 +22,5 @@ wait $DDPM  # either failure stops the script (set -e)
 wait $REG
 $PY -m ftddm_core.cli evaluate --data runs/phantom25 --model ftddm_core/weights/ftddm_compact.safetensors \
   --ddpm-model runs/ddpm_fold0/model.safetensors --regression-model runs/reg_fold0/model.safetensors \
-  --fold 0 --scales 8,4,2 --max-slices 12 --samples 2 --seed 0 --bf16 --progress-lines \
+  --fold 0 --scales 8,4,2 --max-slices 10 --samples 3 --seed 0 --bf16 --progress-lines \
   --out bench/evaluate_fold0

@@ -316,6 +316,18 @@ def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path,
     assert {r["method"] for r in read_csv(out / "methods.csv")} == {"zero_filled", "ftddm_dpmpp_10"}
 
 
+def test_gap_diagnosis_subtracts_the_probe_methods_only_at_failing_scales():
+    ssim = {("ftddm_dpmpp_10", 8.0): 0.90, ("ftddm_dpmpp_50", 8.0): 0.91, ("ftddm_anc_100", 8.0): 0.93,
+            ("flow_only", 8.0): 0.80, ("zero_filled", 8.0): 0.75}
+    ctx = SimpleNamespace(methods=["ftddm_dpmpp_10", "ftddm_dpmpp_50", "ftddm_anc_100", "flow_only", "zero_filled"],
+                          job_of={k: k for k in ssim}, metric_rows=lambda name, s: [{"ssim": ssim[(name, s)]}])
+    headline = {"per_scale": [{"scale": 8.0, "ssim_difference": -0.05, "within_margin": False},
+                              {"scale": 4.0, "ssim_difference": 0.0, "within_margin": True}]}
+    table = ev._gap_diagnosis(ctx, headline)[-1]
+    assert table.splitlines()[-1] == "| 8 | -0.0500 | +0.0100 | +0.0300 | +0.0500 |"
+    assert ev._gap_diagnosis(ctx, {"per_scale": headline["per_scale"][1:]}) == []
+
+
 def test_training_record_is_read_from_a_training_run_and_from_a_packaged_model_card(tmp_path):
     """The report's 'same training' check needs the split and iterations of both kinds of model file."""
     data = {"dataset": "runs/phantom25", "fold": 0, "split_seed": 0}
