@@ -779,7 +779,7 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
                         studies=studies, study_resolved=study_resolved, jobs=jobs, job_of=job_of, results=results,
                         job_metrics=job_metrics, lpips_note=lpips_note, has_lpips=lpips_fn is not None)
     summary = write_report(ctx)
-    summary["seconds"] = time.perf_counter() - started
+    summary["seconds"] = time.perf_counter() - started  # this invocation only (short when cached)
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
@@ -982,7 +982,8 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
             "studies": {k: v for k, v in study_out.items()}, "figures": {k: str(v) for k, v in figs.items()},
             "kspace_error_ground_truth": {f"{s:g}": v[0] for s, v in gt_kspace.items()},
             "lpips": ctx.lpips_note, "jobs": len(ctx.jobs),
-            "jobs_from_cache": sum(bool(r.get("cached")) for r in ctx.results.values())}
+            "jobs_from_cache": sum(bool(r.get("cached")) for r in ctx.results.values()),
+            "compute_seconds": _compute_seconds(ctx)}  # recorded time of every run, cached ones included
 
 
 def _mean_metric(rows: list[dict], name: str) -> float:
@@ -1113,6 +1114,11 @@ def _training_line(lm: LoadedModel) -> str:
             f"{d.get('split_seed', '?')}, {lm.training.get('step', '?')} iterations")
 
 
+def _compute_seconds(ctx) -> float:
+    """Wall time of all runs as recorded when each was computed (a re-run from the cache keeps the original)."""
+    return sum(float(r.get("seconds", 0.0)) for r in ctx.results.values())
+
+
 def _machine_line(device) -> str:
     """Where the timings come from: CPU model and torch threads, or the GPU's name."""
     import platform
@@ -1137,14 +1143,18 @@ GAP_PROBES = (("more solver steps: K = 50 − K = 10", "ftddm_dpmpp_50", REFEREN
 
 def _gap_diagnosis(ctx, headline) -> list[str]:
     """For the scales outside the margin: SSIM differences that localise the gap (solver, chain or start)."""
-    failing = [r["scale"] for r in headline.get("per_scale", []) if not r["within_margin"]]
+    failing = [r for r in headline.get("per_scale", []) if not r["within_margin"]]
     probes = [(label, a, b) for label, a, b in GAP_PROBES if a in ctx.methods and b in ctx.methods]
     if not failing or not probes:
         return []
-    rows = [[f"{s:g}", f"{r['ssim_difference']:+.4f}"]
-            + [f"{_mean_metric(ctx.metric_rows(a, s), 'ssim') - _mean_metric(ctx.metric_rows(b, s), 'ssim'):+.4f}"
-               if (a, s) in ctx.job_of and (b, s) in ctx.job_of else "–" for _, a, b in probes]
-            for s, r in ((r["scale"], r) for r in headline["per_scale"] if r["scale"] in failing)]
+
+    def probe(a, b, s):
+        if (a, s) not in ctx.job_of or (b, s) not in ctx.job_of:
+            return "–"
+        return f"{_mean_metric(ctx.metric_rows(a, s), 'ssim') - _mean_metric(ctx.metric_rows(b, s), 'ssim'):+.4f}"
+
+    rows = [[f"{r['scale']:g}", f"{r['ssim_difference']:+.4f}"] + [probe(a, b, r["scale"]) for _, a, b in probes]
+            for r in failing]
     return ["", "Where the gap comes from (Δ SSIM, mean over maps; ≈ 0 for more solver steps means the solver "
             "has converged, so the gap lies in the start the chain inherits):", "",
             md_table(["s", "FTDDM − DDPM"] + [label for label, _, _ in probes], rows)]
@@ -1156,7 +1166,7 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
     L: list[str] = ["# FTDDM evaluation report", ""]
     L.append(f"ftddm {__version__} · device `{ctx.device}`{' (bf16 autocast)' if opts.bf16 else ''} · "
              f"{len(ctx.jobs)} runs ({sum(bool(r.get('cached')) for r in ctx.results.values())} from the cache)")
-    compute_min = sum(float(r.get("seconds", 0.0)) for r in ctx.results.values()) / 60
+    compute_min = _compute_seconds(ctx) / 60
     L.append("")
     L.append(f"Compute: {compute_min:.1f} min of wall time summed over the runs (as recorded when each was computed), "
              f"{_machine_line(ctx.device)}.")

@@ -5,7 +5,7 @@
 #      batch 8, lr 2e-4, EMA 0.999, bf16, seed 0): a full-chain DDPM (same compact UNet, trained on every
 #      index t ∈ [0, 999]; only its UNet is trained since no flow is used when starting from noise) and the
 #      one-pass UNet regression baseline. On 2 CPU cores, run side by side with one thread each, each took
-#      about 60 minutes; they checkpoint every 250 iterations: re-run with --resume (as the first argument)
+#      63 minutes; they checkpoint every 250 iterations: re-run with --resume (as the first argument)
 #      to continue interrupted runs,
 #   3. the evaluation on an evenly spread subset of the fold's test maps (see the report for its CPU time).
 set -euo pipefail

@@ -294,6 +294,7 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
     assert counter.calls == 0
     summary2 = json.loads((out / "summary.json").read_text())
     assert summary2["jobs_from_cache"] == summary2["jobs"] == summary["jobs"] == n_cache
+    assert summary2["compute_seconds"] == summary["compute_seconds"] > 0  # the original runs' time is kept
     assert read_csv(out / "per_map.csv") == per_map
     # … while anything that changes the outputs (here the seed) is recomputed
     assert main(base + ["--scales", "4", "--methods", "ftddm_dpmpp_10", "--studies", "none", "--seed", "1"]) == 0
