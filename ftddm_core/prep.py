@@ -49,18 +49,19 @@ def build_condition(lr_zf_norm, mask, t1, flair) -> torch.Tensor:
     return torch.stack(parts, dim=1)
 
 
-def model_inputs(lr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.ndarray, size: int = 64):
-    """LR maps on their own m×m grid (N, m, m; physical units) → (cond (N,4,size,size), scale (N,), |LR_zf|).
+def model_inputs(lr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.ndarray, size=64):
+    """LR maps on their own m1×m2 grid (N, m1, m2; physical units) → (cond (N, 4, H, W), scale (N,), |LR_zf|).
 
-    The one derivation shared by training and inference: centred zero-fill onto the model grid, magnitude,
-    per-map scale = robust max of |LR_zf| inside the mask, y = [|LR_zf|/scale, M, T1, FLAIR].
-    Maps with an empty signal get scale 0 (their LR channel is left at 0).
+    ``size`` is the target grid, an int (square) or (H, W). The one derivation shared by training and
+    inference: centred zero-fill onto the target grid, magnitude, per-map scale = robust max of |LR_zf|
+    inside the mask, y = [|LR_zf|/scale, M, T1, FLAIR]. Maps with an empty signal get scale 0 (their LR
+    channel is left at 0).
     """
     from . import kspace
 
     lr = np.asarray(lr)
-    if lr.ndim != 3 or lr.shape[-1] != lr.shape[-2]:
-        raise ValueError(f"LR maps must be (N, m, m), got shape {lr.shape}")
+    if lr.ndim != 3:
+        raise ValueError(f"LR maps must be (N, m1, m2), got shape {lr.shape}")
     lr_zf = np.abs(kspace.zero_fill(lr, size)).astype(np.float32)
     mask = np.asarray(mask, dtype=bool)
     scale = normalisation_scale(lr_zf, mask)
