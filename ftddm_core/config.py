@@ -2,7 +2,11 @@
 
 Every checkpoint stores its :class:`FTDDMConfig` as JSON, so a model file always says what it is.
 Named presets: ``paper`` (published sizes), ``compact`` (the CPU-trainable default), ``regression`` (the
-deterministic UNet baseline of the evaluation) and ``tiny`` (tests).
+deterministic SR encoder alone, the evaluation's one-pass baseline) and ``tiny`` (tests).
+
+FTDDM v2 (our extension of the paper): a deterministic SR *encoder* (a UNet on y, conditioned on s) gives
+x̂0_enc and multi-scale features; the flow is conditioned on [y, x̂0_enc] and those features and models the
+residual x_Ttrunc − √ᾱ·x̂0_enc; the denoising UNet sees [y, x̂0_enc] as its condition.
 """
 from __future__ import annotations
 
@@ -22,15 +26,15 @@ METABOLITES = ("tCr", "tCho", "NAA", "Glu", "Ins", "Gln", "Gly")
 class UNetConfig:
     """Nichol & Dhariwal-style ε-UNet conditioned on timestep t and upscaling factor s."""
 
-    image_size: int = 64
-    cond_channels: int = len(COND_CHANNELS)  # input is [x_t, *cond]
+    image_size: int = 64  # training tile size; the network runs on any multiple of 2**(levels−1)
+    image_channels: int = 1  # x_t channels before the condition (0: the encoder, which sees y only)
+    cond_channels: int = len(COND_CHANNELS) + 1  # [*y, x̂0 of the encoder]
     out_channels: int = 1
     channels: tuple[int, ...] = (32, 64, 96, 128)  # one entry per resolution level
     num_res_blocks: int = 2  # encoder blocks per level (decoder uses one more)
-    attention_resolutions: tuple[int, ...] = (16, 8)  # feature-map sizes that get self-attention
+    attention_resolutions: tuple[int, ...] = (16, 8)  # feature-map sizes (at image_size) that get self-attention
     num_heads: int = 4
     dropout: float = 0.0
-    norm_groups: int = 8  # GroupNorm groups; must divide every channel count
     embed_dim: int = 0  # time/scale embedding width; 0 = 4 × channels[0]
 
 
@@ -38,9 +42,10 @@ class UNetConfig:
 class FlowConfig:
     """Conditional multi-scale normalizing flow producing x at the truncation index (SRFlow-like)."""
 
-    image_size: int = 64
+    image_size: int = 64  # training tile size; the flow runs on any multiple of 2**levels
     in_channels: int = 1
-    cond_channels: int = len(COND_CHANNELS)
+    cond_channels: int = len(COND_CHANNELS) + 1  # [*y, x̂0 of the encoder]
+    feature_channels: tuple[int, ...] = ()  # channels of the encoder's features per level (level 0 = full size)
     levels: int = 3  # squeeze levels after the 64×64 level 0
     steps_per_level: int = 4  # [actnorm → 1×1 conv → injector → coupling] steps per level
     hidden_channels: int = 64  # width of coupling / injector networks
@@ -63,13 +68,14 @@ class FTDDMConfig:
 
     name: str = "compact"
     kind: str = "ftddm"  # "ftddm" (flow + truncated diffusion) or "regression" (UNet baseline, one pass)
+    encoder: UNetConfig = field(default_factory=lambda: encoder_config())
     unet: UNetConfig = field(default_factory=UNetConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
+    flow: FlowConfig = field(default_factory=lambda: FlowConfig(feature_channels=(32, 64, 96, 128)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    scale_range: tuple[float, float] = (2.0, 8.0)  # trained range of s = 64 / LR matrix
+    scale_range: tuple[float, float] = (2.0, 8.0)  # trained range of the in-plane upscaling factor s
     x0_clip: tuple[float, float] = (0.0, 2.0)  # model-space data range used to clamp x̂0
     metabolites: tuple[str, ...] = METABOLITES
-    normalisation: str = "lr_robust_max"  # see ftddm_core.normalise
+    normalisation: str = "lr_robust_max"  # see ftddm_core.prep.normalisation_scale
     info: dict[str, Any] = field(default_factory=dict)  # training data, iterations, metrics …
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,23 +116,37 @@ def _has_default(f: dataclasses.Field) -> bool:
     return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
+def encoder_config(channels: tuple[int, ...] = (32, 64, 96, 128), num_res_blocks: int = 2,
+                   num_heads: int = 4) -> UNetConfig:
+    """The deterministic SR encoder: a UNet on y = [LR_zf, M, T1, FLAIR] only (no x_t), conditioned on s."""
+    return UNetConfig(image_channels=0, cond_channels=len(COND_CHANNELS), channels=channels,
+                      num_res_blocks=num_res_blocks, attention_resolutions=(8,), num_heads=num_heads)
+
+
 def preset(name: str) -> FTDDMConfig:
     """Named configurations: ``paper``, ``compact`` (default, CPU-trainable), ``regression`` and ``tiny`` (tests)."""
     if name == "paper":
+        enc = encoder_config((64, 128, 192, 256), 3)
         return FTDDMConfig(
-            name="paper",
-            unet=UNetConfig(channels=(64, 128, 192, 256), num_res_blocks=3, norm_groups=32),
-            flow=FlowConfig(steps_per_level=12, hidden_channels=128, cond_hidden=64),
+            name="paper", encoder=enc,
+            unet=UNetConfig(channels=(64, 128, 192, 256), num_res_blocks=3),
+            flow=FlowConfig(steps_per_level=12, hidden_channels=128, cond_hidden=64, feature_channels=enc.channels),
         )
-    if name == "compact":
-        return FTDDMConfig(name="compact")
-    if name == "regression":  # deterministic baseline: the compact UNet trained to output x0 in one pass
-        return FTDDMConfig(name="regression", kind="regression")
-    if name == "tiny":
+    if name == "compact":  # sized to train in about an hour on 2 CPU cores; the encoder carries most of the work
+        enc = encoder_config((32, 64, 96, 128), 1)
         return FTDDMConfig(
-            name="tiny",
-            unet=UNetConfig(channels=(8, 16, 16, 16), num_res_blocks=1, num_heads=2, norm_groups=4),
-            flow=FlowConfig(steps_per_level=1, hidden_channels=8, cond_hidden=4),
+            name="compact", encoder=enc,
+            unet=UNetConfig(channels=(16, 32, 64, 96), num_res_blocks=1, attention_resolutions=(8,)),
+            flow=FlowConfig(steps_per_level=2, hidden_channels=48, cond_hidden=32, feature_channels=enc.channels),
+        )
+    if name == "regression":  # the one-pass baseline: the compact encoder alone, trained on L1
+        return FTDDMConfig(name="regression", kind="regression", encoder=preset("compact").encoder)
+    if name == "tiny":
+        enc = encoder_config((8, 16, 16, 16), 1, 2)
+        return FTDDMConfig(
+            name="tiny", encoder=enc,
+            unet=UNetConfig(channels=(8, 16, 16, 16), num_res_blocks=1, num_heads=2),
+            flow=FlowConfig(steps_per_level=1, hidden_channels=8, cond_hidden=4, feature_channels=enc.channels),
         )
     raise ValueError(f"unknown config {name!r}; expected one of {PRESETS}")
 

@@ -1,11 +1,15 @@
 """Conditional multi-scale normalizing flow of FTDDM (reference §4; SRFlow-like, Lugmayr et al. 2020).
 
-Maps the noisy image x at the truncation index, (B, 1, H, W), to a latent z, (B, D) with D = H·W, given the
-condition y = [LR_zf, M, T1, FLAIR], (B, 4, H, W). Level 0 works at full resolution on one channel
-(actnorm → affine injector); each of the ``levels`` further levels starts with a 2×2 squeeze and runs
-``steps_per_level`` steps of [actnorm → invertible 1×1 conv → affine injector → conditional affine coupling];
-after every level but the last, half of the channels leave as part of z. The prior over the flattened z is a
-learned diagonal Gaussian N(μ_z, σ_z). Math only; device and dtype follow the inputs.
+Maps an image x, (B, 1, H, W), to a latent z, (B, D) with D = H·W, given a condition c (B, C, H, W) — in
+FTDDM v2 c = [LR_zf, M, T1, FLAIR, x̂0_enc] — and optionally the SR encoder's multi-scale features. Level 0
+works at full resolution on one channel (actnorm → affine injector); each of the ``levels`` further levels
+starts with a 2×2 squeeze and runs ``steps_per_level`` steps of [actnorm → invertible 1×1 conv → affine
+injector → conditional affine coupling]; after every level but the last, half of the channels leave as part
+of z. The prior of every latent piece is a diagonal Gaussian whose mean and log-std are computed from the
+condition features at that piece's resolution (zero-initialised, so it starts as N(0, I)). Nothing is tied
+to an image size or position: any H, W that are multiples of 2**levels. An optional ``valid`` mask (B, 1, H,
+W) keeps zero padding exactly inert (every scale/shift is 0 there), so a padded image gives the unpadded
+result inside. Math only; device and dtype follow the inputs.
 """
 from __future__ import annotations
 
@@ -60,13 +64,16 @@ class ActNorm(nn.Module):
         """log|det| = H·W·Σ_c log|scale_c|."""
         return x.shape[2] * x.shape[3] * self.log_scale.sum()
 
-    def forward(self, x: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bias(self, valid):
+        return self.bias if valid is None else self.bias * valid  # padding stays 0
+
+    def forward(self, x: torch.Tensor, logdet: torch.Tensor, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not bool(self.initialized):
             self.initialize_from(x)
-        return (x + self.bias) * torch.exp(self.log_scale), logdet + self._logdet(x)
+        return (x + self._bias(valid)) * torch.exp(self.log_scale), logdet + self._logdet(x)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * torch.exp(-self.log_scale) - self.bias
+    def inverse(self, y: torch.Tensor, valid=None) -> torch.Tensor:
+        return y * torch.exp(-self.log_scale) - self._bias(valid)
 
 
 class InvertibleConv1x1(nn.Module):
@@ -108,18 +115,26 @@ def _matrix_inverse(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(w.double()).to(w.dtype)
 
 
-def _conv_net(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
-    """H of the injector/coupling: 3×3 conv → LReLU → 3×3 conv → LReLU → zero-initialised 3×3 conv."""
-    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    nn.init.zeros_(last.weight)  # zero output ⇒ s = 0 and t = 0 ⇒ every step starts as the identity
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, hidden, 3, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(hidden, hidden, 3, padding=1),
-        nn.LeakyReLU(0.2),
-        last,
-    )
+def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return x if valid is None else x * valid.to(x.dtype)
+
+
+class ConvNet(nn.Module):
+    """H of the injector/coupling: 3×3 conv → LReLU → 3×3 conv → LReLU → zero-initialised 3×3 conv,
+    re-zeroed outside the valid image before every convolution (and at the output)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.last = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(self.last.weight)  # zero output ⇒ s = 0 and t = 0 ⇒ every step starts as the identity
+        nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        h = _masked(F.leaky_relu(self.conv1(_masked(x, valid)), 0.2), valid)
+        h = _masked(F.leaky_relu(self.conv2(h), 0.2), valid)
+        return _masked(self.last(h), valid)
 
 
 class AffineInjector(nn.Module):
@@ -128,18 +143,18 @@ class AffineInjector(nn.Module):
     def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float):
         super().__init__()
         self.clamp = clamp
-        self.net = _conv_net(cond_channels, hidden, 2 * channels)
+        self.net = ConvNet(cond_channels, hidden, 2 * channels)
 
-    def _scale_shift(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, shift = self.net(features).chunk(2, dim=1)
-        return bounded_log_scale(raw, self.clamp), shift
+    def _scale_shift(self, features: torch.Tensor, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, shift = self.net(features, valid).chunk(2, dim=1)
+        return _masked(bounded_log_scale(raw, self.clamp), valid), shift
 
-    def forward(self, x, features, logdet):
-        s, t = self._scale_shift(features)
+    def forward(self, x, features, logdet, valid=None):
+        s, t = self._scale_shift(features, valid)
         return x * torch.exp(s) + t, logdet + _sum_per_sample(s)
 
-    def inverse(self, y, features):
-        s, t = self._scale_shift(features)
+    def inverse(self, y, features, valid=None):
+        s, t = self._scale_shift(features, valid)
         return (y - t) * torch.exp(-s)
 
 
@@ -155,7 +170,7 @@ class ConditionalCoupling(nn.Module):
         # which half is transformed alternates from step to step, so every channel gets transformed
         self.transform_first = transform_first
         transformed = self.split if transform_first else channels - self.split
-        self.net = _conv_net(channels - transformed + cond_channels, hidden, 2 * transformed)
+        self.net = ConvNet(channels - transformed + cond_channels, hidden, 2 * transformed)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept, transformed) halves of x."""
@@ -165,18 +180,18 @@ class ConditionalCoupling(nn.Module):
     def _join(self, kept: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
         return torch.cat([transformed, kept] if self.transform_first else [kept, transformed], dim=1)
 
-    def _scale_shift(self, kept, features):
-        raw, shift = self.net(torch.cat([kept, features], dim=1)).chunk(2, dim=1)
-        return bounded_log_scale(raw, self.clamp), shift
+    def _scale_shift(self, kept, features, valid):
+        raw, shift = self.net(torch.cat([kept, features], dim=1), valid).chunk(2, dim=1)
+        return _masked(bounded_log_scale(raw, self.clamp), valid), shift
 
-    def forward(self, x, features, logdet):
+    def forward(self, x, features, logdet, valid=None):
         kept, moved = self._halves(x)
-        s, t = self._scale_shift(kept, features)
+        s, t = self._scale_shift(kept, features, valid)
         return self._join(kept, moved * torch.exp(s) + t), logdet + _sum_per_sample(s)
 
-    def inverse(self, y, features):
+    def inverse(self, y, features, valid=None):
         kept, moved = self._halves(y)
-        s, t = self._scale_shift(kept, features)
+        s, t = self._scale_shift(kept, features, valid)
         return self._join(kept, (moved - t) * torch.exp(-s))
 
 
@@ -190,25 +205,48 @@ class FlowStep(nn.Module):
         self.injector = AffineInjector(channels, cond_channels, hidden, clamp)
         self.coupling = ConditionalCoupling(channels, cond_channels, hidden, clamp, transform_first)
 
-    def forward(self, x, features, logdet):
-        x, logdet = self.actnorm(x, logdet)
+    def forward(self, x, features, logdet, valid=None):
+        x, logdet = self.actnorm(x, logdet, valid)
         x, logdet = self.invconv(x, logdet)
-        x, logdet = self.injector(x, features, logdet)
-        return self.coupling(x, features, logdet)
+        x, logdet = self.injector(x, features, logdet, valid)
+        return self.coupling(x, features, logdet, valid)
 
-    def inverse(self, y, features):
-        y = self.coupling.inverse(y, features)
-        y = self.injector.inverse(y, features)
+    def inverse(self, y, features, valid=None):
+        y = self.coupling.inverse(y, features, valid)
+        y = self.injector.inverse(y, features, valid)
         y = self.invconv.inverse(y)
-        return self.actnorm.inverse(y)
+        return self.actnorm.inverse(y, valid)
 
 
-def condition_encoder(in_channels: int, width: int, downsamplings: int) -> nn.Sequential:
-    """Cond network of one level: 3×3 conv, then `downsamplings` stride-2 3×3 convs, each with LeakyReLU(0.2)."""
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.LeakyReLU(0.2)]
-    for _ in range(downsamplings):
-        layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
-    return nn.Sequential(*layers)
+class ConditionEncoder(nn.Module):
+    """Cond network of one level: 3×3 conv, then `downsamplings` stride-2 3×3 convs, each with LeakyReLU(0.2),
+    plus a 1×1 projection of the SR encoder's features at this resolution (when it has any)."""
+
+    def __init__(self, in_channels: int, width: int, downsamplings: int, feature_channels: int = 0):
+        super().__init__()
+        self.first = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.downs = nn.ModuleList(nn.Conv2d(width, width, 3, stride=2, padding=1) for _ in range(downsamplings))
+        self.project = nn.Conv2d(feature_channels, width, 1) if feature_channels else None
+
+    def forward(self, cond: torch.Tensor, feature: torch.Tensor | None, valids: list) -> torch.Tensor:
+        h = _masked(F.leaky_relu(self.first(_masked(cond, valids[0])), 0.2), valids[0])
+        for i, down in enumerate(self.downs, start=1):
+            h = _masked(F.leaky_relu(down(h), 0.2), valids[i])
+        if self.project is not None:
+            if feature is None:
+                raise ValueError("this flow is conditioned on the SR encoder's features: pass enc_features")
+            h = h + _masked(self.project(feature.to(h.dtype)), valids[len(self.downs)])
+        return h
+
+
+def valid_pyramid(valid: torch.Tensor | None, levels: int) -> list:
+    """The valid mask at resolutions 1, ½, …, 1/2**(levels−1); a cell is valid if any of its pixels is."""
+    if valid is None:
+        return [None] * levels
+    out = [valid]
+    for _ in range(levels - 1):
+        out.append(F.max_pool2d(out[-1], 2, ceil_mode=True))
+    return out
 
 
 def _validate_config(cfg: FlowConfig) -> None:
@@ -220,25 +258,36 @@ def _validate_config(cfg: FlowConfig) -> None:
     for name in ("in_channels", "cond_channels", "steps_per_level", "hidden_channels", "cond_hidden"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be ≥ 1, got {getattr(cfg, name)}")
+    if cfg.feature_channels and len(cfg.feature_channels) < cfg.levels + 1:
+        raise ValueError(f"feature_channels {cfg.feature_channels} must give one entry per flow level "
+                         f"(0 … {cfg.levels})")
     if not cfg.clamp > 0:
         raise ValueError(f"clamp must be > 0, got {cfg.clamp}")
 
 
-def _latent_shapes(cfg: FlowConfig) -> list[tuple[int, int, int]]:
-    """(C, H, W) of each piece of z in flattening order: the split-off halves, then the last level's output."""
+def latent_shapes(cfg: FlowConfig, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """(level, C, H, W) of each piece of z in flattening order: the split-off halves, then the last level's."""
     shapes = []
-    channels, size = cfg.in_channels, cfg.image_size
+    channels, h, w = cfg.in_channels, height, width
     for level in range(1, cfg.levels + 1):
-        channels, size = 4 * channels, size // 2
+        channels, h, w = 4 * channels, h // 2, w // 2
         if level < cfg.levels:
-            shapes.append((channels - channels // 2, size, size))
+            shapes.append((level, channels - channels // 2, h, w))
             channels //= 2
-    shapes.append((channels, size, size))
+    shapes.append((cfg.levels, channels, h, w))
     return shapes
 
 
+def _prior_net(in_channels: int, latent_channels: int) -> nn.Conv2d:
+    """Conditional prior (μ, log σ) of one latent piece from the condition features; zero-initialised: N(0, I)."""
+    conv = nn.Conv2d(in_channels, 2 * latent_channels, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class ConditionalFlow(nn.Module):
-    """FTDDM's conditional flow x ↔ z given y, with a learned diagonal Gaussian prior (reference §4)."""
+    """FTDDM's conditional flow x ↔ z given c (and encoder features), conditional diagonal Gaussian prior."""
 
     def __init__(self, config: FlowConfig):
         super().__init__()
@@ -246,9 +295,11 @@ class ConditionalFlow(nn.Module):
         self.config = config
         cfg = config
         generator = torch.Generator().manual_seed(INVCONV_SEED)
+        feats = tuple(cfg.feature_channels) or (0,) * (cfg.levels + 1)
         # one condition network per level, computed once per pass and shared by that level's layers
         self.cond_encoders = nn.ModuleList(
-            condition_encoder(cfg.cond_channels, cfg.cond_hidden, level) for level in range(cfg.levels + 1)
+            ConditionEncoder(cfg.cond_channels, cfg.cond_hidden, level, feats[level])
+            for level in range(cfg.levels + 1)
         )
         self.level0_actnorm = ActNorm(cfg.in_channels)
         self.level0_injector = AffineInjector(cfg.in_channels, cfg.cond_hidden, cfg.hidden_channels, cfg.clamp)
@@ -263,125 +314,176 @@ class ConditionalFlow(nn.Module):
             self.levels.append(nn.ModuleList(steps))
             if level < cfg.levels:
                 channels //= 2
-        self.latent_shapes = _latent_shapes(cfg)
-        dim = sum(c * h * w for c, h, w in self.latent_shapes)
-        self.prior_mean = nn.Parameter(torch.zeros(dim))
-        self.prior_log_std = nn.Parameter(torch.zeros(dim))
+        self.prior_nets = nn.ModuleList(_prior_net(cfg.cond_hidden, c)
+                                        for _, c, _, _ in latent_shapes(cfg, cfg.image_size, cfg.image_size))
 
     @property
-    def z_dim(self) -> int:
-        """D, the number of latent dimensions (= in_channels·H·W)."""
-        return self.prior_mean.numel()
+    def size_multiple(self) -> int:
+        """H and W must be multiples of this (one 2×2 squeeze per level)."""
+        return 2 ** self.config.levels
 
     # ------------------------------------------------------------------ input checks
-    def _check_cond(self, cond: torch.Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.cond_channels, cfg.image_size, cfg.image_size)
-        if not isinstance(cond, torch.Tensor) or cond.dim() != 4 or tuple(cond.shape[1:]) != expected:
+    def _check_cond(self, cond: torch.Tensor, valid=None) -> None:
+        cfg, m = self.config, self.size_multiple
+        if not isinstance(cond, torch.Tensor) or cond.dim() != 4 or cond.shape[1] != cfg.cond_channels:
             got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
-            raise ValueError(f"cond must have shape (B, {', '.join(map(str, expected))}), got {got}")
+            raise ValueError(f"cond must have shape (B, {cfg.cond_channels}, H, W), got {got}")
+        h, w = cond.shape[-2:]
+        if h < m or w < m or h % m or w % m:
+            raise ValueError(f"image size {h}×{w} must be a positive multiple of 2**levels = {m} in both axes "
+                             "(pad it, e.g. with FTDDM.sample, which pads and crops for you)")
+        if valid is not None and tuple(valid.shape) != (cond.shape[0], 1, h, w):
+            raise ValueError(f"valid must have shape ({cond.shape[0]}, 1, {h}, {w}), got {tuple(valid.shape)}")
 
-    def _check_x(self, x: torch.Tensor, cond: torch.Tensor) -> None:
+    def _check_x(self, x: torch.Tensor, cond: torch.Tensor, valid=None) -> None:
         cfg = self.config
-        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        self._check_cond(cond, valid)
+        expected = (cfg.in_channels, *cond.shape[-2:])
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {got}")
-        self._check_cond(cond)
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}) like cond, got {got}")
         if x.shape[0] != cond.shape[0]:
             raise ValueError(f"x and cond must have the same batch size, got {x.shape[0]} and {cond.shape[0]}")
 
-    def _check_z(self, z: torch.Tensor, cond: torch.Tensor) -> None:
-        self._check_cond(cond)
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.z_dim:
+    def _check_z(self, z: torch.Tensor, cond: torch.Tensor, valid=None) -> None:
+        self._check_cond(cond, valid)
+        dim = self.z_dim(*cond.shape[-2:])
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != dim:
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must have shape (B, {self.z_dim}), got {got}")
+            raise ValueError(f"z must have shape (B, {dim}), got {got}")
         if z.shape[0] != cond.shape[0]:
             raise ValueError(f"z and cond must have the same batch size, got {z.shape[0]} and {cond.shape[0]}")
 
-    # ------------------------------------------------------------------ the bijection
-    def condition_features(self, cond: torch.Tensor) -> list[torch.Tensor]:
-        """Cond(y) at every level's resolution (level 0 = full resolution)."""
-        return [encoder(cond) for encoder in self.cond_encoders]
+    def z_dim(self, height: int | None = None, width: int | None = None) -> int:
+        """D, the number of latent dimensions (= in_channels·H·W; H = W = image_size by default)."""
+        height = height or self.config.image_size
+        width = width or height
+        return self.config.in_channels * height * width
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z = F(x; y) flattened to (B, D) and log|det ∂z/∂x| of shape (B,)."""
-        self._check_x(x, cond)
-        features = self.condition_features(cond)
+    # ------------------------------------------------------------------ the bijection
+    def context(self, cond: torch.Tensor, enc_features=None, valid=None) -> tuple[list, list]:
+        """(condition features per level, valid masks per level) — computed once per pass."""
+        valids = valid_pyramid(valid, self.config.levels + 1)
+        if enc_features is None:
+            enc_features = [None] * (self.config.levels + 1)
+        feats = [enc(cond, enc_features[level], valids) for level, enc in enumerate(self.cond_encoders)]
+        return feats, valids
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None):
+        """z = F(x; c) flattened to (B, D) and log|det ∂z/∂x| of shape (B,)."""
+        self._check_x(x, cond, valid)
+        z, logdet, _ = self._forward(x, *self.context(cond, enc_features, valid))
+        return z, logdet
+
+    def _forward(self, x, features, valids):
         logdet = x.new_zeros(x.shape[0])
-        h, logdet = self.level0_actnorm(x, logdet)
-        h, logdet = self.level0_injector(h, features[0], logdet)
+        h, logdet = self.level0_actnorm(_masked(x, valids[0]), logdet, valids[0])
+        h, logdet = self.level0_injector(h, features[0], logdet, valids[0])
         pieces = []
         for level, steps in enumerate(self.levels, start=1):
             h = F.pixel_unshuffle(h, 2)  # squeeze: 2×2 space-to-depth
             for step in steps:
-                h, logdet = step(h, features[level], logdet)
+                h, logdet = step(h, features[level], logdet, valids[level])
             if level < len(self.levels):
                 keep = h.shape[1] // 2
                 pieces.append(h[:, keep:])
                 h = h[:, :keep]
         pieces.append(h)
-        return torch.cat([p.flatten(1) for p in pieces], dim=1), logdet
+        return torch.cat([p.flatten(1) for p in pieces], dim=1), logdet, pieces
 
-    def inverse(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x = F⁻¹(z; y), (B, in_channels, H, W), for z of shape (B, D)."""
-        self._check_z(z, cond)
-        features = self.condition_features(cond)
-        pieces = self._unflatten(z)
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None) -> torch.Tensor:
+        """x = F⁻¹(z; c), (B, in_channels, H, W), for z of shape (B, D)."""
+        self._check_z(z, cond, valid)
+        return self._inverse(self._unflatten(z, *cond.shape[-2:]), *self.context(cond, enc_features, valid))
+
+    def _inverse(self, pieces, features, valids):
+        pieces = list(pieces)
         h = pieces.pop()
         for level in range(len(self.levels), 0, -1):
             if level < len(self.levels):
                 h = torch.cat([h, pieces.pop()], dim=1)
             for step in reversed(self.levels[level - 1]):
-                h = step.inverse(h, features[level])
+                h = step.inverse(h, features[level], valids[level])
             h = F.pixel_shuffle(h, 2)
-        h = self.level0_injector.inverse(h, features[0])
-        return self.level0_actnorm.inverse(h)
+        h = self.level0_injector.inverse(h, features[0], valids[0])
+        return _masked(self.level0_actnorm.inverse(h, valids[0]), valids[0])
 
-    def _unflatten(self, z: torch.Tensor) -> list[torch.Tensor]:
+    def _unflatten(self, z: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
         """Split a flat (B, D) z back into its per-level (B, C, H, W) pieces."""
-        sizes = [c * h * w for c, h, w in self.latent_shapes]
-        chunks = torch.split(z, sizes, dim=1)
-        return [chunk.reshape(z.shape[0], *shape) for chunk, shape in zip(chunks, self.latent_shapes)]
+        shapes = latent_shapes(self.config, height, width)
+        chunks = torch.split(z, [c * h * w for _, c, h, w in shapes], dim=1)
+        return [chunk.reshape(z.shape[0], c, h, w) for chunk, (_, c, h, w) in zip(chunks, shapes)]
 
     # ------------------------------------------------------------------ density and sampling
-    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log N(z; μ_z, diag σ_z²) summed over the D dimensions, shape (B,)."""
-        normalised = (z - self.prior_mean) * torch.exp(-self.prior_log_std)
-        per_dim = -0.5 * normalised**2 - self.prior_log_std - 0.5 * math.log(2 * math.pi)
-        return per_dim.sum(dim=1)
+    def prior_params(self, features, valids, height: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(μ, log σ) of every latent piece, from the condition features at its resolution (0 on padding)."""
+        out = []
+        for net, (level, _, _, _) in zip(self.prior_nets, latent_shapes(self.config, height, width)):
+            mean, log_std = net(features[level]).chunk(2, dim=1)
+            out.append((_masked(mean, valids[level]), _masked(log_std, valids[level])))
+        return out
 
-    def log_prob(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """log p(x | y) = log N(F(x; y); μ_z, σ_z) + log|det ∂F/∂x| (change of variables), natural log, (B,)."""
-        z, logdet = self(x, cond)
-        return self.prior_log_prob(z) + logdet
+    def _draw_noise(self, cond, generator, valid) -> list[torch.Tensor]:
+        """ε ~ N(0, I) for every latent piece: one flat draw per row over the *unpadded* image's latent (its
+        size read off the bottom/right padding of `valid`), zero-padded, so padding never changes a sample."""
+        height, width = cond.shape[-2:]
+        h, w = height, width
+        if valid is not None:
+            h, w = int(valid[0, 0, :, 0].sum()), int(valid[0, 0, 0, :].sum())
+        m = self.size_multiple
+        h, w = -(-h // m) * m, -(-w // m) * m  # the unpadded image rounded up to the flow's multiple
+        rows = generator if isinstance(generator, (list, tuple)) else None
+        dim = self.z_dim(h, w)
+        if rows is not None:
+            flat = torch.cat([torch.randn((1, dim), generator=g, device=cond.device, dtype=cond.dtype) for g in rows])
+        else:
+            flat = torch.randn((cond.shape[0], dim), generator=generator, device=cond.device, dtype=cond.dtype)
+        pieces = self._unflatten(flat, h, w)
+        full = latent_shapes(self.config, height, width)
+        return [F.pad(p, (0, fw - p.shape[-1], 0, fh - p.shape[-2])) for p, (_, _, fh, fw) in zip(pieces, full)]
 
-    def nll_bits_per_dim(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """−log p(x | y) / (D·ln 2): negative log-likelihood in bits per dimension, (B,)."""
-        return -self.log_prob(x, cond) / (self.z_dim * math.log(2.0))
+    @staticmethod
+    def _gaussian_log_prob(z, mean, log_std) -> torch.Tensor:
+        normalised = (z - mean) * torch.exp(-log_std)
+        return _sum_per_sample(-0.5 * normalised**2 - log_std - 0.5 * math.log(2 * math.pi))
 
-    def sample(self, cond: torch.Tensor, tau: float = 1.0, generator=None) -> torch.Tensor:
-        """x = F⁻¹(μ_z + τ·σ_z·ε; y), ε ~ N(0, I); τ scales the std, τ = 0 gives the mode x̂ (reference §5).
+    def log_prob(self, x: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None) -> torch.Tensor:
+        """log p(x | c) = Σ log N(z_l; μ_l(c), σ_l(c)) + log|det ∂F/∂x| (change of variables), nats, (B,)."""
+        self._check_x(x, cond, valid)
+        features, valids = self.context(cond, enc_features, valid)
+        _, logdet, pieces = self._forward(x, features, valids)
+        params = self.prior_params(features, valids, *x.shape[-2:])
+        return sum(self._gaussian_log_prob(z, m, s) for z, (m, s) in zip(pieces, params)) + logdet
+
+    def nll_bits_per_dim(self, x: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None) -> torch.Tensor:
+        """−log p(x | c) / (D·ln 2): negative log-likelihood in bits per dimension, (B,)."""
+        return -self.log_prob(x, cond, enc_features, valid) / (x[0].numel() * math.log(2.0))
+
+    def sample(self, cond: torch.Tensor, tau: float = 1.0, generator=None, enc_features=None,
+               valid=None) -> torch.Tensor:
+        """x = F⁻¹(μ(c) + τ·σ(c)·ε; c), ε ~ N(0, I); τ scales the std, τ = 0 gives the mode x̂ (reference §5).
 
         generator: None, one torch.Generator, or a list with one generator per batch row (each row's noise
-        then depends only on its own generator, so batching never changes a sample).
+        then depends only on its own generator, so batching never changes a sample). Differentiable in the
+        parameters (reparameterised), so a loss on samples trains the flow.
         """
-        self._check_cond(cond)
+        self._check_cond(cond, valid)
         if tau < 0:
             raise ValueError(f"tau must be ≥ 0, got {tau}")
-        generators = generator if isinstance(generator, (list, tuple)) else [generator]
-        if isinstance(generator, (list, tuple)) and len(generators) != cond.shape[0]:
-            raise ValueError(f"need one generator per batch row ({cond.shape[0]}), got {len(generators)}")
-        for g in generators:
+        per_row = isinstance(generator, (list, tuple))
+        if per_row and len(generator) != cond.shape[0]:
+            raise ValueError(f"need one generator per batch row ({cond.shape[0]}), got {len(generator)}")
+        for g in (generator if per_row else [generator]):
             if g is not None and g.device.type != cond.device.type:
                 raise ValueError(f"generator must live on cond's device ({cond.device}), got {g.device}")
-        mean = self.prior_mean.expand(cond.shape[0], -1)
-        if tau == 0:
-            z = mean
-        else:
-            rows = [mean.shape] if len(generators) == 1 and not isinstance(generator, (list, tuple)) \
-                else [(1, mean.shape[1])] * len(generators)
-            eps = torch.cat([torch.randn(shape, generator=g, device=mean.device, dtype=mean.dtype)
-                             for shape, g in zip(rows, generators)])
-            z = mean + tau * torch.exp(self.prior_log_std) * eps
-        return self.inverse(z, cond)
+        features, valids = self.context(cond, enc_features, valid)
+        height, width = cond.shape[-2:]
+        params = self.prior_params(features, valids, height, width)
+        if tau > 0:
+            eps = self._draw_noise(cond, generator, valid)
+        pieces = []
+        for j, ((level, _, _, _), (mean, log_std)) in enumerate(zip(latent_shapes(self.config, height, width),
+                                                                     params)):
+            z = mean if tau == 0 else mean + tau * torch.exp(log_std) * _masked(eps[j], valids[level])
+            pieces.append(z)
+        return self._inverse(pieces, features, valids)

@@ -28,7 +28,7 @@ from .schedule import DiffusionSchedule, respace, space_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-SAMPLERS = ("ancestral", "ddpm", "dpmpp")
+SAMPLERS = ("ancestral", "ddpm", "dpmpp", "regression")  # "regression": the encoder's one-pass preview
 STARTS = ("flow", "noise")
 
 
@@ -219,9 +219,12 @@ def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
 
 # --- dispatch -------------------------------------------------------------------------------------------
 def chain_nfe(sampler: str, t_start: int, steps: int) -> int:
-    """Network evaluations of one chain: t_start + 1 for "ancestral", steps + 1 for "ddpm" and "dpmpp"."""
+    """Network evaluations of one chain: t_start + 1 for "ancestral", steps + 1 for "ddpm" and "dpmpp", 1 for
+    "regression" (the encoder, which every chain also runs once per image)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler == "regression":
+        return 1
     return t_start + 1 if sampler == "ancestral" else steps + 1
 
 
@@ -282,6 +285,12 @@ class SampleResult:
     total_calls: int  # network calls made in total (one call processes a whole chunk)
     seconds: float  # wall time of the call
     samples: torch.Tensor | None = None  # (B, n_samples, 1, H, W) when keep_samples=True
+
+    def cropped(self, height: int, width: int) -> "SampleResult":
+        """The same result on the top-left height×width pixels (undoes FTDDM.pad)."""
+        crop = (..., slice(0, height), slice(0, width))
+        return SampleResult(self.mean[crop], self.std[crop], self.nfe, self.total_calls, self.seconds,
+                            None if self.samples is None else self.samples[crop])
 
 
 def ftddm_x0_hook(clip: tuple[float, float], mask: torch.Tensor | None = None,
@@ -381,21 +390,18 @@ def _chain_seeds(generator: torch.Generator | None, n_samples: int, batch: int) 
     return torch.randint(0, 2**62, (n_samples, batch), generator=generator, device=device).cpu()
 
 
-def _flow_start(flow, cond: torch.Tensor, tau_f: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """x at the truncation index from the flow in one batched call; row b draws from chain b's generator."""
-    return flow.sample(cond, tau_f, generators)
-
-
 @torch.no_grad()
 def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_trunc: int | None = None,
                  steps: int = 10, tau_d: float = 0.9, tau_f: float = 0.9, n_samples: int = 1, start: str = "flow",
                  data_consistency: float = 0.0, measured_kspace: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, callback=None, max_batch: int | None = None,
-                 keep_samples: bool = False) -> SampleResult:
+                 keep_samples: bool = False, valid: torch.Tensor | None = None) -> SampleResult:
     """FTDDM inference (paper Algorithm 1): flow draws x_Ttrunc (τ_f), truncated reverse chain, clamp and mask.
 
-    ``model`` provides ``.unet(x_t, t, cond, scale)``, ``.flow.sample(cond, tau, generator)``, ``.schedule`` and
-    ``.config`` (``diffusion.t_trunc``, ``x0_clip``). cond is (B, 4, H, W) = [LR, M, T1, FLAIR]. start="noise"
+    ``model`` is an FTDDM v2 bundle (``encode``, ``flow_sample``, ``denoiser``, ``schedule``, ``config``): the
+    encoder runs once per image; each chain starts from the flow's draw around √ᾱ·x̂0_enc (or from noise)
+    and runs the ε-UNet conditioned on [y, x̂0_enc]. cond is (B, 4, H, W) = [LR, M, T1, FLAIR]; ``valid``
+    (B, 1, H, W) marks the unpadded image when cond was padded (see FTDDM.pad). start="noise"
     runs the untruncated baseline from N(0, I)·M at index T−1 (t_trunc is then ignored). Repeated samples are
     reduced to a per-pixel mean and sample std (n − 1) with Welford running moments; at most ``max_batch``
     chains (default B) share one network call. Each chain (sample k, image b) draws all its noise from its own
@@ -414,16 +420,20 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
     chains = [(k, b) for k in range(n_samples) for b in range(B)]  # sample-major: Welford order is fixed
     chunk_size = max_batch or B
     chunks = [chains[i:i + chunk_size] for i in range(0, len(chains), chunk_size)]
+    valid = None if valid is None else valid.to(device=device, dtype=cond.dtype)
     moments = RunningMoments((B, 1, H, W), device=device)
     samples = torch.zeros((B, n_samples, 1, H, W), dtype=cond.dtype, device=device) if keep_samples else None
-    total_calls = 0
+    x0_enc, features = _encode_all(model, cond, scale, valid, chunk_size)  # once per image, reused by its chains
+    total_calls = -(-B // chunk_size)
     for c, chunk in enumerate(chunks):
         ks = torch.tensor([k for k, _ in chunk])
         rows = torch.tensor([b for _, b in chunk])
         generators = [torch.Generator(device).manual_seed(int(seeds[k, b])) for k, b in chunk]
-        x0, calls = _run_chunk(model, opts, cond[rows], scale[rows], mask[rows],
-                               None if measured is None else measured[rows], data_consistency,
-                               tau_d, tau_f, generators, _chunk_callback(callback, c, len(chunks), int(ks[0])))
+        context = _Context(cond[rows], scale[rows], mask[rows], x0_enc[rows], [f[rows] for f in features],
+                           None if valid is None else valid[rows])
+        x0, calls = _run_chunk(model, opts, context, None if measured is None else measured[rows],
+                               data_consistency, tau_d, tau_f, generators,
+                               _chunk_callback(callback, c, len(chunks), int(ks[0])))
         total_calls += calls
         for k in ks.unique().tolist():  # one Welford update per sample index: images are distinct within it
             sel = (ks == k).nonzero().flatten()
@@ -438,15 +448,39 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
                         samples=None if samples is None else samples.to(out_device))
 
 
-def _run_chunk(model, opts: _Options, cond, scale, mask, measured, weight, tau_d, tau_f, generators, callback):
+@dataclass
+class _Context:
+    """What the chains of one chunk are conditioned on (rows of the batch)."""
+
+    cond: torch.Tensor
+    scale: torch.Tensor
+    mask: torch.Tensor
+    x0_enc: torch.Tensor
+    features: list
+    valid: torch.Tensor | None
+
+
+def _encode_all(model, cond, scale, valid, chunk_size: int):
+    """The SR encoder's x̂0 and features for every image, in chunks of at most chunk_size (memory bound)."""
+    outs, feats = [], []
+    for i in range(0, len(cond), chunk_size):
+        part = slice(i, i + chunk_size)
+        x0, f = model.encode(cond[part], scale[part], None if valid is None else valid[part])
+        outs.append(x0.to(cond.dtype))
+        feats.append(f)
+    return torch.cat(outs), [torch.cat(level) for level in zip(*feats)]
+
+
+def _run_chunk(model, opts: _Options, ctx: _Context, measured, weight, tau_d, tau_f, generators, callback):
     """One batch of chains: start point, hooked denoiser, reverse chain, final clamp and mask."""
-    clip = model.config.x0_clip
+    clip, mask = model.config.x0_clip, ctx.mask
     if opts.start == "flow":
-        x = _flow_start(model.flow, cond, tau_f, generators).to(cond.dtype) * mask
+        x = model.flow_sample(ctx.cond, ctx.x0_enc, ctx.features, tau_f, generators, ctx.valid)
+        x = x.to(ctx.cond.dtype) * mask
     else:
         x = randn_like(torch.empty_like(mask), generators) * mask
-    denoiser = CountingDenoiser(lambda x_t, t: model.unet(x_t, t, cond, scale), model.schedule, mask=mask,
-                                x0_hook=ftddm_x0_hook(clip, mask, measured, weight))
+    denoiser = CountingDenoiser(model.denoiser(ctx.cond, ctx.x0_enc, ctx.scale, ctx.valid), model.schedule,
+                                mask=mask, x0_hook=ftddm_x0_hook(clip, mask, measured, weight))
     x0 = sample_chain(denoiser, x, model.schedule, sampler=opts.sampler, t_start=opts.t_start, steps=opts.steps,
                       tau_d=tau_d, mask=mask, generator=generators, callback=callback)
     if denoiser.nfe != opts.nfe:
@@ -468,22 +502,20 @@ def _chunk_callback(callback, chunk: int, chunks: int, first_sample: int):
 
 @torch.no_grad()
 def predict_regression(model, cond: torch.Tensor, scale, *, max_batch: int | None = None,
-                       callback=None) -> SampleResult:
-    """The deterministic UNet baseline: x̂0 = UNet(0, t=0, y, s), clamped to the data range and masked (NFE 1)."""
+                       callback=None, valid: torch.Tensor | None = None) -> SampleResult:
+    """The deterministic one-pass SR encoder: x̂0_enc(y, s), clamped to the data range and masked (NFE 1)."""
     started = time.perf_counter()
     _check_cond(cond)
     device, out_device = _model_device(model, cond), cond.device
     cond, scale, _ = _validate_inputs(cond, scale, None, 0.0, device)
-    mask = cond[:, COND_CHANNELS.index("mask")][:, None]
-    lo, hi = model.config.x0_clip
+    valid = None if valid is None else valid.to(device=device, dtype=cond.dtype)
     step = max_batch or len(cond)
     outs = []
     for i in range(0, len(cond), step):
-        c = cond[i:i + step]
-        t = torch.zeros(len(c), dtype=torch.long, device=device)
-        outs.append(model.unet(torch.zeros_like(c[:, :1]), t, c, scale[i:i + step]).float())
+        part = slice(i, i + step)
+        outs.append(model.encode(cond[part], scale[part], None if valid is None else valid[part])[0])
         if callback is not None:
             callback(dict(step=1, total=1, t=0, sample=0, chunk=i // step, chunks=-(-len(cond) // step)))
-    mean = torch.cat(outs).clamp(lo, hi).to(cond.dtype) * mask
+    mean = torch.cat(outs).to(cond.dtype)
     return SampleResult(mean=mean.to(out_device), std=torch.zeros_like(mean).to(out_device), nfe=1,
                         total_calls=-(-len(cond) // step), seconds=time.perf_counter() - started)

@@ -1,8 +1,11 @@
-"""Training loop for FTDDM: diffusion stage (truncated ε-MSE) and flow stage (NLL + guide), resumable, DDP-ready.
+"""Training loop for FTDDM v2: SR encoder (L1), diffusion (truncated ε-MSE) and flow (NLL + guide), resumable,
+DDP-ready.
 
 One straight loop in commented phases (learning rate, forward/backward, EMA, log, validate + checkpoint),
-as an importable function so a test can run a few CPU steps. Both networks train on the same batches with
-their own optimisers (they share no parameters). Launch several processes with `torchrun` for DDP.
+as an importable function so a test can run a few CPU steps. The three networks train on the same batches
+with their own optimisers; the flow and the ε-UNet are conditioned on the encoder's *detached* output, so the
+encoder learns from its L1 alone (SRFlow's recipe with a jointly trained, not frozen, encoder). Launch
+several processes with `torchrun` for DDP.
 """
 from __future__ import annotations
 
@@ -23,25 +26,29 @@ from torch import nn
 from .checkpoint import json_metadata, read_safetensors, write_safetensors
 from .config import FTDDMConfig
 from .device import autocast, resolve_device
-from .losses import diffusion_loss, flow_loss, regression_loss
+from .losses import diffusion_loss, encoder_loss, flow_loss
 from .model import FTDDM, load_state
 
-STAGES = ("both", "diffusion", "flow")
+#: What a run trains: everything, or one network with the others' weights frozen (e.g. fine-tuning).
+STAGES = ("all", "encoder", "diffusion", "flow")
+NETWORKS = ("encoder", "unet", "flow")
 
 
 @dataclass
 class TrainOptions:
-    """Optimisation settings (paper: Adam 1e-4 with linear decay, batch 8, EMA; flow Adam betas (0.5, 0.9))."""
+    """Optimisation settings (paper: Adam 1e-4 with linear decay, batch 8, EMA). Every network uses Adam with the
+    usual β = (0.9, 0.999), a linear warm-up and then linear decay to 0 over `iterations`."""
 
     iterations: int = 20000
     batch_size: int = 8
-    lr: float = 1e-4  # UNet, decays linearly to 0 over `iterations`
-    flow_lr: float = 1e-4  # flow, halved at 50 %, 75 % and 90 % of training (step decay)
+    lr: float = 1e-4  # ε-UNet and encoder
+    flow_lr: float = 1e-4  # flow
+    warmup: int = 200  # iterations of linear learning-rate warm-up
     ema_decay: float = 0.999  # paper 0.9999 over 100k iterations; shorter CPU runs need a shorter memory
     guide_weight: float = 10.0  # λ
     guide_alpha: float = 0.84  # α
     grad_clip: float = 1.0
-    stage: str = "both"
+    stage: str = "all"
     val_every: int = 500
     val_batches: int = 8
     log_every: int = 50
@@ -56,8 +63,15 @@ class TrainOptions:
             raise ValueError("iterations and batch_size must be ≥ 1")
 
 
+def trained_networks(model: FTDDM, stage: str) -> tuple[str, ...]:
+    """Names of the networks a stage trains (a regression model has only its encoder)."""
+    if model.config.kind == "regression":
+        return ("encoder",)
+    return {"all": NETWORKS, "encoder": ("encoder",), "diffusion": ("unet",), "flow": ("flow",)}[stage]
+
+
 class TrainingStep(nn.Module):
-    """Both losses for one batch; a module so DistributedDataParallel can wrap it."""
+    """The losses of one batch; a module so DistributedDataParallel can wrap it."""
 
     def __init__(self, model: FTDDM, opts: TrainOptions):
         super().__init__()
@@ -66,18 +80,19 @@ class TrainingStep(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], generator=None) -> dict[str, torch.Tensor]:
         m, o = self.model, self.opts
         t_trunc = m.config.diffusion.t_trunc
+        x0, cond, scale = batch["x0"], batch["cond"], batch["scale"]
+        trained = trained_networks(m, o.stage)
         out = {}
-        total = torch.zeros((), device=batch["x0"].device)
-        if m.config.kind == "regression":
-            out["regression"] = regression_loss(m.unet, batch["x0"], batch["cond"], batch["scale"])
-            out["total"] = out["regression"]
-            return out
-        if o.stage in ("both", "diffusion"):
-            out["diffusion"] = diffusion_loss(m.unet, m.schedule, batch["x0"], batch["cond"], batch["scale"],
-                                              t_trunc, generator)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "encoder" in trained):
+            out["encoder"], x0_enc, features = encoder_loss(m, x0, cond, scale)
+        total = out["encoder"] if "encoder" in trained else torch.zeros((), device=x0.device)
+        # the flow and the ε-UNet learn on the encoder's current estimate, without moving it
+        x0_enc, features = x0_enc.detach(), [f.detach() for f in features]
+        if "unet" in trained:
+            out["diffusion"] = diffusion_loss(m, m.schedule, x0, cond, scale, x0_enc, t_trunc, generator)
             total = total + out["diffusion"]
-        if o.stage in ("both", "flow"):
-            f_total, out["nll"], out["guide"] = flow_loss(m.flow, m.schedule, batch["x0"], batch["cond"], t_trunc,
+        if "flow" in trained:
+            f_total, out["nll"], out["guide"] = flow_loss(m, m.schedule, x0, cond, x0_enc, features, t_trunc,
                                                           guide_weight=o.guide_weight, guide_alpha=o.guide_alpha,
                                                           generator=generator)
             out["flow"] = f_total
@@ -86,9 +101,14 @@ class TrainingStep(nn.Module):
         return out
 
 
-def flow_lr_factor(step: int, iterations: int) -> float:
-    """Step decay: ×0.5 at 50 %, 75 % and 90 % of training."""
-    return 0.5 ** sum(step >= f * iterations for f in (0.5, 0.75, 0.9))
+def lr_factor(step: int, iterations: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` iterations, then linear decay to 0 at `iterations`."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * (1.0 - step / iterations)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up, min(d, (1 + step)/(10 + step)): early averages do not keep the random init."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def _distributed() -> tuple[int, int]:
@@ -154,35 +174,43 @@ class RunDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
 
 
-def save_training_state(path, model, ema, opts_unet, opts_flow, step, best_val, options, *, data_info,
-                        generators: dict[str, torch.Generator]) -> None:
+TRAINING_STATE_FORMAT = "ftddm-training-state/2"
+
+
+def save_training_state(path, model, ema, optimizers: dict[str, torch.optim.Optimizer], step, best_val, options,
+                        *, data_info, generators: dict[str, torch.Generator]) -> None:
     """Everything needed to continue bit-for-bit: weights, EMA, optimisers, step, RNG states."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"rng.{k}": g.get_state() for k, g in generators.items()})
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    t_u, m_u = _optimizer_tensors("opt_unet", opts_unet)
-    t_f, m_f = _optimizer_tensors("opt_flow", opts_flow)
-    tensors.update(t_u)
-    tensors.update(t_f)
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        t, opt_meta[name] = _optimizer_tensors(f"opt_{name}", opt)
+        tensors.update(t)
     meta = json_metadata(config=model.config.to_dict(), step=step, best_val=best_val, options=asdict(options),
-                         opt_unet=m_u, opt_flow=m_f, data=data_info)
-    meta["format"] = "ftddm-training-state/1"
+                         optimizers=opt_meta, data=data_info)
+    meta["format"] = TRAINING_STATE_FORMAT
     write_safetensors(path, tensors, meta, overwrite=True)
 
 
-def load_training_state(path, model, ema, opt_unet, opt_flow, generators: dict[str, torch.Generator]):
+def load_training_state(path, model, ema, optimizers: dict[str, torch.optim.Optimizer],
+                        generators: dict[str, torch.Generator]):
     """Restore save_training_state's file into the given objects; returns (step, best validation loss)."""
     tensors, meta = read_safetensors(path)
-    if meta.get("format") != "ftddm-training-state/1":
-        raise ValueError(f"{path} is not an ftddm training checkpoint")
+    if meta.get("format") != TRAINING_STATE_FORMAT:
+        raise ValueError(f"{path} is not an ftddm v2 training checkpoint")
     stored = FTDDMConfig.from_dict(json.loads(meta["config"]))
     if stored.to_dict() != model.config.to_dict():
         raise ValueError(f"{path} was trained with a different config ({stored.name}); cannot resume with "
                          f"config {model.config.name}")
     load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(path))
     load_state(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, source=str(path))
-    _restore_optimizer("opt_unet", opt_unet, tensors, json.loads(meta["opt_unet"]))
-    _restore_optimizer("opt_flow", opt_flow, tensors, json.loads(meta["opt_flow"]))
+    stored_opts = json.loads(meta["optimizers"])
+    if set(stored_opts) != set(optimizers):
+        raise ValueError(f"{path} holds optimisers for {sorted(stored_opts)}, this run trains {sorted(optimizers)}; "
+                         "resume with the same --stage")
+    for name, opt in optimizers.items():
+        _restore_optimizer(f"opt_{name}", opt, tensors, stored_opts[name])
     for k, g in generators.items():
         if f"rng.{k}" in tensors:
             g.set_state(tensors[f"rng.{k}"])
@@ -200,7 +228,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | None = None, *,
           val_source=None, resume: bool = False, force: bool = False,
-          progress: Callable[[dict], None] | None = None, data_info: dict | None = None) -> dict:
+          progress: Callable[[dict], None] | None = None, data_info: dict | None = None,
+          init: FTDDM | None = None) -> dict:
     """Train an FTDDM bundle on batches from `source` (see data.BatchSource); returns a summary dict.
 
     Writes RUN/last.safetensors (resumable state), RUN/best.safetensors and RUN/model.safetensors (EMA models,
@@ -219,26 +248,33 @@ def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | 
 
     torch.manual_seed(opts.seed)
     model = FTDDM(config).to(device)
+    if init is not None:  # fine-tuning: start from an earlier model's weights (same architecture)
+        load_state(model, init.state_dict(), source="the initial model")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt_unet = torch.optim.Adam(model.unet.parameters(), lr=opts.lr)
-    opt_flow = torch.optim.Adam(model.flow.parameters(), lr=opts.flow_lr, betas=(0.5, 0.9))
+    trained = trained_networks(model, opts.stage)
+    base_lr = {"encoder": opts.lr, "unet": opts.lr, "flow": opts.flow_lr}
+    optimizers = {name: torch.optim.Adam(getattr(model, name).parameters(), lr=base_lr[name], betas=(0.9, 0.999))
+                  for name in trained}
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(opts.seed * 1000 + rank)
     data_gen = torch.Generator().manual_seed(opts.seed * 1000 + 7 + rank)
     generators = {"noise": gen, "data": data_gen} if world == 1 else {}  # per-rank states are not gathered
 
     step, best_val = 0, math.inf
     if resume:
-        step, best_val = load_training_state(run.last, model, ema, opt_unet, opt_flow, generators)
+        step, best_val = load_training_state(run.last, model, ema, optimizers, generators)
     else:
-        # Actnorm's data-dependent initialisation on a first batch, before DDP syncs rank 0's weights.
-        with torch.no_grad():
-            b = _to(source.sample_batch(opts.batch_size, data_gen), device)
-            model.flow.train()(_flow_init_target(model, b), b["cond"])
+        if "flow" in trained and init is None:
+            # Actnorm's data-dependent initialisation on a first batch, before DDP syncs rank 0's weights.
+            with torch.no_grad():
+                b = _to(source.sample_batch(opts.batch_size, data_gen), device)
+                x0_enc, features = model.encode(b["cond"], b["scale"])
+                model.flow.train()
+                model.flow_log_prob(_flow_init_target(model, b), b["cond"], x0_enc, features)
         ema.load_state_dict(model.state_dict())
 
     stepper: nn.Module = TrainingStep(model, opts)
     if world > 1:
-        unused = opts.stage != "both" or config.kind == "regression"
+        unused = set(trained) != set(NETWORKS) or config.kind == "regression"
         stepper = nn.parallel.DistributedDataParallel(stepper, find_unused_parameters=unused)
 
     log_rows = _read_log(run.log_csv) if resume else []
@@ -247,26 +283,25 @@ def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | 
     model.train()
     while step < opts.iterations:
         # --- learning rates -------------------------------------------------------------------
-        for g in opt_unet.param_groups:
-            g["lr"] = opts.lr * (1.0 - step / opts.iterations)
-        for g in opt_flow.param_groups:
-            g["lr"] = opts.flow_lr * flow_lr_factor(step, opts.iterations)
+        factor = lr_factor(step, opts.iterations, opts.warmup)
+        for name, opt in optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = base_lr[name] * factor
 
         # --- forward / backward ---------------------------------------------------------------
         batch = _to(source.sample_batch(opts.batch_size, data_gen), device)
         with autocast(device, opts.bf16):
             losses = stepper(batch, gen)
-        opt_unet.zero_grad(set_to_none=True)
-        opt_flow.zero_grad(set_to_none=True)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
         if not torch.isfinite(losses["total"]):
             raise FloatingPointError(f"non-finite loss at step {step}: "
                                      f"{ {k: float(v) for k, v in losses.items()} }")
         losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), opts.grad_clip)
-        torch.nn.utils.clip_grad_norm_(model.flow.parameters(), opts.grad_clip)
-        opt_unet.step()
-        opt_flow.step()
-        ema_update(ema, model, opts.ema_decay if step > 0 else 0.0)
+        for name, opt in optimizers.items():
+            torch.nn.utils.clip_grad_norm_(getattr(model, name).parameters(), opts.grad_clip)
+            opt.step()
+        ema_update(ema, model, ema_decay_at(step, opts.ema_decay))
         step += 1
         seen += 1
 
@@ -282,7 +317,7 @@ def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | 
             row.update({k: v / running_n for k, v in running.items()})
             running, running_n = {}, 0
             row["seconds_per_iter"] = (time.time() - t0) / max(seen, 1)
-            row["lr"] = opt_unet.param_groups[0]["lr"]
+            row["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
 
         # --- validate + checkpoint ---------------------------------------------------------------
         if rank == 0 and (step % opts.val_every == 0 or step == opts.iterations):
@@ -292,7 +327,7 @@ def train(config: FTDDMConfig, source, out: str | Path, options: TrainOptions | 
                     best_val = row["val"]
                     ema.save(run.best, overwrite=True, extra={"training": {"step": step, "val_loss": best_val,
                                                                               "data": data_info or {}}})
-            save_training_state(run.last, model, ema, opt_unet, opt_flow, step, best_val, opts,
+            save_training_state(run.last, model, ema, optimizers, step, best_val, opts,
                                 data_info=data_info or {}, generators=generators)
         if rank == 0 and ("seconds_per_iter" in row or "val" in row):
             log_rows.append(row)
@@ -314,8 +349,7 @@ def validate(model: FTDDM, source, opts: TrainOptions, device) -> float:
     """Mean validation loss of the EMA model on fixed batches (fixed seed, so runs are comparable)."""
     gen = torch.Generator().manual_seed(12345)
     noise_gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(54321)
-    val_opts = copy.copy(opts)
-    step = TrainingStep(model, val_opts)
+    step = TrainingStep(model, opts)
     total = 0.0
     for _ in range(opts.val_batches):
         batch = _to(source.sample_batch(opts.batch_size, gen), device)
@@ -362,7 +396,7 @@ def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     groups = [[k for k in keys if any(k in r for r in rows)]
-              for keys in (("diffusion", "regression"), ("flow", "nll", "guide"))]
+              for keys in (("encoder",), ("diffusion",), ("flow", "nll", "guide"))]
     groups = [g for g in groups if g]  # one panel per trained stage (a diffusion-only run has no flow losses)
     if not groups:
         return
@@ -381,8 +415,3 @@ def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(run.curve, dpi=100)
     plt.close(fig)
-
-
-def option_fields() -> list[str]:
-    """Names of TrainOptions fields (the CLI generates its flags from them once)."""
-    return [f.name for f in fields(TrainOptions)]
