@@ -26,7 +26,8 @@ Progress = Callable[[int, int, str], None]
 class SuperResolveOptions:
     """Sampling and geometry options (CLI flags are generated from these fields)."""
 
-    scale: float = 0.0  # conditioned upscaling factor s; 0 = detect from the LR matrix (64 / m)
+    factor: float = 0.0  # in-plane upscaling F: each in-plane axis m → round(F·m); 0 = auto (square m → 64, F = 64/m)
+    scale: float = 0.0  # conditioned upscaling factor s; 0 = the grid's (F, or √(n1/m1 · n2/m2) after rounding)
     tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm samplers): lower = smoother, higher PSNR
     tau_f: float = 0.9  # flow temperature of the start point x_Ttrunc
     sampler: str = "dpmpp"  # dpmpp (fast default) | ancestral (paper Algorithm 1) | ddpm (respaced)
@@ -35,10 +36,10 @@ class SuperResolveOptions:
     data_consistency: float = 0.0  # λ in [0, 1]: blend the measured central k-space into every step
     seed: int = 0
     device: str = "auto"
-    slice_axis: int = -1  # −1 = the through-slab axis (fewest voxels); else 0, 1 or 2
+    slice_axis: int = -1  # −1 = the through-slab axis (volume.slice_axis's rule); else 0, 1 or 2
     max_batch: int = 64  # images per network call (bounds memory)
     bf16: bool = False  # bfloat16 autocast (≈2× faster on AVX-512 CPUs, ~1% difference)
-    force: bool = False  # run outside the trained LR range
+    force: bool = False  # run outside the trained factor range (F or 64/m outside 2 … 8)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -51,6 +52,8 @@ class SuperResolveOptions:
             raise ValueError("tau_d and tau_f must be ≥ 0")
         if self.slice_axis not in (-1, 0, 1, 2):
             raise ValueError(f"slice_axis must be -1 (auto), 0, 1 or 2, got {self.slice_axis}")
+        if not self.factor >= 0:
+            raise ValueError(f"factor must be ≥ 0 (0 = auto), got {self.factor}")
         if self.scale and not self.scale > 0:
             raise ValueError(f"scale must be > 0 (or 0 = auto), got {self.scale}")
 
@@ -90,12 +93,17 @@ def as_volume(image, name: str) -> vol.Volume:
 
 
 def _lr_stack(lr) -> tuple[vol.Volume, list[str]]:
-    """One 4D LR volume (metabolites last) from one volume or a list on one grid, plus channel names."""
+    """One 4D LR volume (metabolites last) from one volume or a list on one grid, plus channel names.
+
+    A 4D volume with one channel (X, Y, Z, 1), as some scanners store a single map, is treated as 3D.
+    """
     items = list(lr) if isinstance(lr, (list, tuple)) and not (
         len(lr) == 2 and isinstance(lr[0], np.ndarray)) else [lr]
     volumes = [as_volume(v, f"lr[{i}]") for i, v in enumerate(items)]
     if len(volumes) == 1:
         v = volumes[0]
+        if v.data.ndim == 4 and v.n_channels == 1:
+            v = vol.Volume(v.data[..., 0], v.affine, v.path)
         names = [v.name] if v.data.ndim == 3 else [f"{v.name}[{c}]" for c in range(v.n_channels)]
         data = v.data if v.data.ndim == 4 else v.data[..., None]
         return vol.Volume(data, v.affine, v.path), names
@@ -110,23 +118,30 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
 
     lr: a volume (3D, or 4D with metabolites last) or a list of 3D volumes on one grid, each a Volume, path,
     SimpleITK image or (array, affine). Options as :class:`SuperResolveOptions` fields, e.g. tau_d=0.7.
-    Returns SR (mean of `samples` draws), zero-filled and uncertainty (per-voxel std) on the model grid.
+    Returns SR (mean of `samples` draws), zero-filled and uncertainty (per-voxel std) on the target grid
+    (volume.target_grid: each in-plane axis m → round(F·m) with ``factor`` F, or 64×64 for a square m ≤ 32
+    by default), always 4D (channels last).
     """
     opts = options or SuperResolveOptions()
     if overrides:
         opts = SuperResolveOptions(**{**asdict(opts), **overrides})
     t_start = time.perf_counter()
-    size = model.config.unet.image_size
     lr_vol, names = _lr_stack(lr)
     if t1 is None or flair is None:
         raise ValueError("FTDDM is conditioned on the patient's T1 and FLAIR: pass both (t1=…, flair=…)")
     t1_vol, flair_vol = as_volume(t1, "t1"), as_volume(flair, "flair")
 
-    # --- geometry: slice axis, square in-plane matrix, model grid -------------------------------------
+    # --- geometry: slice axis, target grid (any m1×m2, each in-plane axis refined on its own) ---------
     axis = vol.slice_axis(lr_vol, None if opts.slice_axis < 0 else opts.slice_axis)
-    lr_vol = vol.squarify_inplane(lr_vol, axis)
-    grid = vol.target_grid(lr_vol, axis, size, scale_range=tuple(model.config.scale_range), force=opts.force)
+    # The trained 64×64 grid is only the default output of a square matrix (no --factor); the networks run
+    # on any n1×n2 (model.sample pads to their multiple and crops back).
+    default_size = int(model.config.unet.image_size)
+    grid = vol.target_grid(lr_vol, axis, default_size, factor=opts.factor,
+                           scale_range=tuple(model.config.scale_range), force=opts.force)
+    # s = the physical in-plane upscaling: F, or the geometric mean of n_a/m_a when round(F·m_a) is inexact.
     s_cond = opts.scale or grid.factor
+    size = grid.inplane  # (n1, n2)
+    (m1, m2), (n1, n2) = grid.lr_inplane, grid.inplane
 
     # --- MRI and mask on the model grid ---------------------------------------------------------------
     user_mask = None
@@ -139,14 +154,14 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     t1_g, flair_g = vol.prepare_mri(t1_vol, flair_vol, grid.affine, grid.shape, target_name=lr_vol.name)
 
     # --- model space: one derivation shared with training (prep.model_inputs) -------------------------
-    lr_slices = vol.to_slices(lr_vol.data, axis)  # (C, N, m, m)
+    lr_slices = vol.to_slices(lr_vol.data, axis)  # (C, N, m1, m2)
     n_chan, n_slices = lr_slices.shape[:2]
     lr_zf_all = np.abs(kspace.zero_fill(lr_slices, size)).astype(np.float32)
     if user_mask is not None:
         mask_slices = vol.to_slices(user_mask, axis)
     else:  # automatic: brain from T1 ∧ MRSI support of any metabolite
-        support = np.any([vol.to_slices(vol.signal_support(vol.from_slices(c, axis), axis), axis)
-                          for c in lr_zf_all], axis=0)
+        cell = (n1 / m1, n2 / m2)  # HR pixels per LR voxel: the support is cleaned at the LR voxel scale
+        support = np.any([vol.signal_support(c, 0, cell=cell) for c in lr_zf_all], axis=0)
         mask_slices = support & vol.to_slices(vol.brain_mask(t1_g, axis), axis)
     t1_s, flair_s = vol.to_slices(t1_g, axis), vol.to_slices(flair_g, axis)
     conds, scales = [], []
@@ -154,7 +169,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
         cond, scale, _ = prep.model_inputs(lr_slices[c], mask_slices, t1_s, flair_s, size)
         conds.append(cond)
         scales.append(scale)
-    cond = torch.cat(conds)  # (C·N, 4, size, size), metabolite-major
+    cond = torch.cat(conds)  # (C·N, 4, n1, n2), metabolite-major
     norm = np.concatenate(scales)
     active = np.flatnonzero((norm > 0) & (cond[:, 1].flatten(1).sum(1).numpy() > 0))
     t_prep = time.perf_counter()
@@ -162,7 +177,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     # --- sampling -------------------------------------------------------------------------------------
     device = resolve_device(opts.device)
     model = model.to(device).eval()
-    mean = torch.zeros(len(cond), 1, size, size)
+    mean = torch.zeros(len(cond), 1, n1, n2)
     std = torch.zeros_like(mean)
     nfe, calls = 0, 0
     if len(active):
@@ -171,12 +186,11 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                   n_samples=opts.samples, generator=gen, max_batch=opts.max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
-            m = grid.lr_matrix
-            # Real images: keep only the Hermitian-paired (odd) block; an even block's edge line has no
-            # partner inside it, so replacing it and then taking the real part would not be consistent.
-            block = m if m % 2 else m - 1
+            # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
+            # no partner inside it, so replacing it and then taking the real part would not be consistent.
+            block = tuple(m if m % 2 else m - 1 for m in (m1, m2))
             measured = kspace.truncate_kspace(kspace.fft2c(kspace.zero_fill(
-                lr_slices.reshape(-1, m, m)[active], size)), block) / norm[active, None, None]
+                lr_slices.reshape(-1, m1, m2)[active], size)), block) / norm[active, None, None]
             kw.update(data_consistency=opts.data_consistency,
                       measured_kspace=torch.as_tensor(measured, dtype=torch.complex64, device=device)[:, None])
 
@@ -197,18 +211,20 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
 
     # --- back to physical units and volume order ------------------------------------------------------
     def to_volume(x: np.ndarray) -> vol.Volume:
-        data = vol.from_slices(x.reshape(n_chan, n_slices, size, size), axis)  # (i, j, k, C)
+        data = vol.from_slices(x.reshape(n_chan, n_slices, n1, n2), axis)  # (i, j, k, C)
         return vol.Volume(data.astype(np.float32), grid.affine.copy())
 
     scale_b = norm[:, None, None]
     sr = to_volume(mean[:, 0].numpy() * scale_b)
     unc = to_volume(std[:, 0].numpy() * scale_b)
-    zf = to_volume(lr_zf_all.reshape(-1, size, size))
+    zf = to_volume(lr_zf_all.reshape(-1, n1, n2))
     mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())
     timings = {"prepare_s": t_prep - t_start, "sample_s": t_sample - t_prep,
                "total_s": time.perf_counter() - t_start, "maps": int(len(cond)), "maps_sampled": int(len(active))}
     return SuperResolution(sr, zf, unc, mask_vol, grid, nfe, calls, timings,
-                           {**asdict(opts), "scale": float(s_cond), "slice_axis": int(axis), "inputs": names,
+                           {**asdict(opts), "scale": float(s_cond), "factor": float(grid.requested_factor),
+                            "output_inplane": list(grid.inplane), "lr_inplane": list(grid.lr_inplane),
+                            "slice_axis": int(axis), "inputs": names,
                             "device": str(device), "mask": "user" if user_mask is not None else "automatic"})
 
 

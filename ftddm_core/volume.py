@@ -10,19 +10,27 @@ Conventions
 
 Target grid of the centred FFT zero-fill (sample-aligned)
 ---------------------------------------------------------
-``kspace.fft2c`` puts DC at index N//2 (``ifftshift`` first), so image sample n of an N-point grid sits at
-position (n − N//2)·Δ relative to the point the Fourier phase refers to. Zero-filling m samples of spacing Δ
-onto N = f·m samples keeps the spectrum (and that reference point) and evaluates the same band-limited
-(trigonometric) interpolant at spacing Δ/f. Equating positions,
+Each in-plane axis is refined on its own: m samples of spacing Δ → N samples (N = round(F·m), rounding half
+up; or the model's 64 for the default square case), spacing Δ·m/N, so the field of view m·Δ = N·(Δ·m/N) is
+kept exactly. ``kspace.fft2c`` puts DC at index N//2 (``ifftshift`` first), so image sample n of an N-point grid
+sits at position (n − N//2)·Δ·m/N relative to the point the Fourier phase refers to (LR sample m//2).
+Zero-filling keeps the spectrum (and that reference point) and evaluates the same band-limited
+(trigonometric) interpolant on the finer grid. Equating positions,
 
-    (n − N//2)·Δ/f = (i − m//2)·Δ   ⇔   i = m//2 + (n − N//2)/f,
+    (n − N//2)·Δ·m/N = (i − m//2)·Δ   ⇔   i = m//2 + (n − N//2)·m/N,
 
-so HR voxel n sits at LR continuous index i₀ + n/f with **i₀ = m//2 − (N//2)·m/N** (:func:`hr_origin_index`).
-For even m and even N (every trained LR size 8…32 onto 64) i₀ = 0: HR voxel 0 is LR voxel 0 and HR voxel f·i
-is LR voxel i — same origin, same direction, in-plane spacing Δ/f, the slice axis untouched. For odd m, i₀ =
-−½: the HR grid starts half an LR voxel earlier. The field of view m·Δ = N·Δ/f is kept; the voxel *edges* are
-not aligned (that would be a different, non-FFT convention). Verified in Testing/ftddm_core/test_volume.py
-against the unique band-limited interpolant of LR samples evaluated at the HR voxel centres' physical positions.
+so HR voxel n sits at LR continuous index i₀ + n·m/N with **i₀ = m//2 − (N//2)·m/N** (:func:`hr_origin_index`),
+per axis. Even m and even N (every trained LR size 8…32 onto 64, and any even m with an integer F): i₀ = 0,
+HR voxel 0 is LR voxel 0 — same origin. The odd-size rule, from the same formula:
+
+* odd m, even N: i₀ = −½ (the HR grid starts half an LR voxel earlier);
+* even m, odd N: i₀ = +m/(2N) (half an HR voxel later);
+* odd m, odd N: i₀ = −½·(1 − m/N) (half an LR voxel minus half an HR voxel earlier: the outer voxel edges meet).
+
+Direction and slice axis are untouched; the voxel *edges* are not aligned in general (that would be a
+different, non-FFT convention). Verified in Testing/ftddm_core/test_volume.py against the unique band-limited
+interpolant of LR samples evaluated at the HR voxel centres' physical positions, for rectangular, odd and
+unequal-FOV matrices and F = 2, 2.5, 3, 4.
 """
 from __future__ import annotations
 
@@ -329,36 +337,71 @@ def inplane_axes(axis: int) -> tuple[int, int]:
     return tuple(a for a in range(3) if a != _check_axis(axis))
 
 
+#: Slice-axis rule, step 3: the thickest axis is the slab axis when its spacing is ≥ this × every other
+#: candidate's (a 5.25 mm slice among 5 mm in-plane voxels is not "clearly thicker"; a 10 mm slab among 5 mm is).
+THICK_RATIO = 1.2
+#: Step 4: the axis with the fewest voxels is the slab axis when it has ≤ this × every other candidate's count.
+SHORT_RATIO = 0.8
+#: Step 5: the axis most aligned with superior–inferior wins when its |S| direction component exceeds the
+#: runner-up's by this much (an axial slab tilted by up to ~35° still wins; a 45° tie does not).
+SI_MARGIN = 0.1
+
+
 def slice_axis(volume: Volume, override: int | None = None) -> int:
     """The through-slab voxel axis of an MRSI volume (``override`` 0/1/2 wins).
 
-    Rule, applied in order until one axis remains: (1) the two other axes form a square matrix;
-    (2) the two other axes have the same field of view (k-space truncation keeps the in-plane FOV square);
-    (3) the axis most aligned with superior–inferior (largest |S component| of its direction).
-    E.g. 16×16×10 → axis 2; 16×16×16 at 13.6×13.6×3.4 mm → axis 2; 10×16×16 → axis 0.
+    The one rule (``MRSISuperResolutionLib.geometry.detect_slice_axis`` mirrors it). Steps are applied in order
+    to the remaining candidate axes; a step that leaves exactly one axis decides, one that leaves several
+    narrows the candidates to those, one that leaves none is skipped:
+
+    1. the other two axes form a square matrix;
+    2. the other two axes have the same field of view (to FOV_RTOL);
+    3. the spacing is clearly the largest (≥ THICK_RATIO × every other candidate's): slab thickness;
+    4. the voxel count is clearly the smallest (≤ SHORT_RATIO × every other candidate's): the slab is short.
+       Before the S–I step because a sagittal or coronal slab has superior–inferior *in* plane;
+    5. the axis most aligned with superior–inferior (|S| ≥ SI_MARGIN above every other candidate's);
+    6. still tied: the fewest voxels, then the most superior–inferior, then the lowest index.
+
+    E.g. 16×16×10 → 2 (square pair); 16×12×4 at 3×4×5 mm → 2 (equal FOVs 48×48); 32×42×8 at 5×5×10 mm → 2
+    (thicker); the oblique 32×42×22 at 5×5×5.25 mm scan of issue 11 → 2 (22 voxels); a sagittal 24×32×12 at
+    5 mm with voxel axis 1 along S–I → 2 (fewest voxels, although axis 1 is superior–inferior); an axial
+    30×28×26 at 5 mm → 2 (superior–inferior).
     """
     if override is not None:
         return _check_axis(override)
-    shape, fov = volume.shape, volume.fov
-    candidates = [0, 1, 2]
-    tests = (
-        lambda a: shape[inplane_axes(a)[0]] == shape[inplane_axes(a)[1]],
-        lambda a: math.isclose(fov[inplane_axes(a)[0]], fov[inplane_axes(a)[1]], rel_tol=FOV_RTOL),
+    shape, fov, spacing = volume.shape, volume.fov, volume.spacing
+    superior = np.abs(volume.direction[2])
+
+    def pair(values, a):
+        return [values[b] for b in inplane_axes(a)]
+
+    steps = (
+        lambda a, c: pair(shape, a)[0] == pair(shape, a)[1],
+        lambda a, c: math.isclose(*pair(fov, a), rel_tol=FOV_RTOL),
+        lambda a, c: all(spacing[a] >= THICK_RATIO * spacing[b] for b in c if b != a),
+        lambda a, c: all(shape[a] <= SHORT_RATIO * shape[b] for b in c if b != a),
+        lambda a, c: all(superior[a] >= superior[b] + SI_MARGIN for b in c if b != a),
+        lambda a, c: shape[a] == min(shape[b] for b in c),
     )
-    for test in tests:
-        passing = [a for a in candidates if test(a)]
+    candidates = [0, 1, 2]
+    for test in steps:
+        passing = [a for a in candidates if test(a, candidates)]
         if len(passing) == 1:
             return passing[0]
         if passing:
             candidates = passing
-    superior = np.abs(volume.direction[2, candidates])
-    return candidates[int(np.argmax(superior))]
+    return candidates[int(np.argmax(superior[candidates]))]  # argmax: the first index on an exact tie
 
 
 # ------------------------------------------------------------------------------------------ target grid
 def hr_origin_index(m: int, n: int) -> float:
     """LR continuous index of HR voxel 0 when the centred FFT zero-fills m samples onto n: m//2 − (n//2)·m/n."""
     return m // 2 - (n // 2) * m / n
+
+
+def refined_size(m: int, factor: float) -> int:
+    """N = round(F·m), halves rounded up (Python's round() would send 52.5 to 52 but 57.5 to 58)."""
+    return int(math.floor(factor * m + 0.5))
 
 
 def lr_matrix_range(model_size: int = 64, scale_range: tuple[float, float] = (2.0, 8.0)) -> tuple[int, int]:
@@ -368,56 +411,105 @@ def lr_matrix_range(model_size: int = 64, scale_range: tuple[float, float] = (2.
 
 
 def check_lr_matrix(m: int, model_size: int = 64, scale_range=(2.0, 8.0), *, force: bool = False) -> float:
-    """Factor s = model_size/m; ValueError outside the trained range unless force (m ≤ model_size always)."""
+    """Default factor (no --factor) of a square m×m matrix: s = model_size/m; ValueError naming --factor when
+    outside the trained range (unless force) or when m > model_size."""
+    lo_s, hi_s = scale_range
+    example = f"--factor {lo_s:g} gives {refined_size(m, lo_s)}×{refined_size(m, lo_s)}"
     if m > model_size or m < 1:
-        raise ValueError(f"in-plane LR matrix {m} cannot be zero-filled onto the {model_size}×{model_size} "
-                         f"model grid; expected 1 … {model_size}")
+        raise ValueError(f"in-plane LR matrix {m}×{m} cannot be zero-filled onto the default {model_size}×{model_size} "
+                         f"grid; pass --factor F (F = {lo_s:g} … {hi_s:g}, each axis m → round(F·m); {example})")
     lo, hi = lr_matrix_range(model_size, scale_range)
     if not lo <= m <= hi and not force:
-        raise ValueError(f"in-plane LR matrix {m} (s = {model_size / m:.2f}) is outside the trained range "
-                         f"{lo} … {hi} (s = {scale_range[0]:g} … {scale_range[1]:g}); "
-                         "pass force=True to run anyway")
+        raise ValueError(f"in-plane LR matrix {m}×{m} (s = {model_size / m:.2f} onto the default {model_size}×"
+                         f"{model_size}) is outside the trained range {lo} … {hi} (s = {lo_s:g} … {hi_s:g}); "
+                         f"pass --factor F with F in {lo_s:g} … {hi_s:g} ({example}), or --force to run anyway")
     return model_size / m
+
+
+def check_factor(factor: float, scale_range=(2.0, 8.0), *, force: bool = False) -> float:
+    """The in-plane upscaling F of --factor: ≥ 1 always, inside the trained range unless --force."""
+    lo, hi = scale_range
+    if not math.isfinite(factor) or factor < 1.0:
+        raise ValueError(f"--factor {factor:g}: the in-plane upscaling must be ≥ 1 (zero-filling cannot coarsen); "
+                         f"the model is trained for {lo:g} … {hi:g}")
+    if not lo - 1e-9 <= factor <= hi + 1e-9 and not force:
+        raise ValueError(f"--factor {factor:g} is outside the model's trained range {lo:g} … {hi:g}; "
+                         "pick a factor inside it, or pass --force to run anyway")
+    return float(factor)
 
 
 @dataclass(frozen=True)
 class ModelGrid:
-    """Target (zero-filled / SR) grid: affine (voxel → RAS), spatial shape, factor s, slice axis, LR matrix."""
+    """Target (zero-filled / SR) grid and how it was derived from the LR volume.
+
+    factor: the realised in-plane upscaling s = √((n1/m1)·(n2/m2)) (geometric mean over the two in-plane
+    axes; equals F unless round(F·m) is not exact); requested_factor: F (--factor, or 64/m by default).
+    """
 
     affine: np.ndarray
     shape: tuple[int, int, int]
     factor: float
     axis: int
-    lr_matrix: int
+    lr_inplane: tuple[int, int]  # (m1, m2) along inplane_axes(axis)
+    inplane: tuple[int, int]  # (n1, n2) along inplane_axes(axis)
+    requested_factor: float
+
+    @property
+    def lr_matrix(self) -> int:
+        """The largest in-plane LR matrix (the m of an m×m input)."""
+        return max(self.lr_inplane)
 
 
-def _refine_axes(affine: np.ndarray, shape: tuple, axes, new_size: int) -> tuple[np.ndarray, tuple]:
-    """Affine/shape after zero-filling each of `axes` from its size to new_size (sample-aligned, see module doc)."""
+def _refine_axes(affine: np.ndarray, shape: tuple, new_sizes: dict) -> tuple[np.ndarray, tuple]:
+    """Affine/shape after zero-filling each axis a in new_sizes from its size to new_sizes[a] (sample-aligned,
+    module doc): HR voxel 0 at LR index hr_origin_index(m, N), spacing Δ·m/N (the FOV kept), same direction."""
     out, shape = affine.copy(), list(shape)
-    for a in axes:
+    for a, n in new_sizes.items():
         m = shape[a]
-        out[:3, 3] += affine[:3, a] * hr_origin_index(m, new_size)  # HR voxel 0 at LR index i0
-        out[:3, a] = affine[:3, a] * (m / new_size)  # spacing / f, same direction
-        shape[a] = new_size
+        out[:3, 3] += affine[:3, a] * hr_origin_index(m, n)
+        out[:3, a] = affine[:3, a] * (m / n)
+        shape[a] = int(n)
     return out, tuple(shape)
 
 
-def target_grid(lr: Volume, axis: int, model_size: int = 64, *, scale_range=(2.0, 8.0),
+def realised_factor(lr_inplane, inplane) -> float:
+    """s = √((n1/m1)·(n2/m2)): one number for the model's conditioning when round() makes the two axes differ."""
+    r1, r2 = (n / m for n, m in zip(inplane, lr_inplane))
+    return r1 if r1 == r2 else math.sqrt(r1 * r2)
+
+
+def target_grid(lr: Volume, axis: int, model_size: int = 64, *, factor: float = 0.0, scale_range=(2.0, 8.0),
                 force: bool = False) -> ModelGrid:
-    """The model grid of an LR volume: in-plane m×m → model_size², spacing/f, same direction, sample-aligned
-    origin (HR voxel 0 at LR index m//2 − (N//2)·m/N, i.e. the same point for even m); slice axis unchanged."""
+    """The output grid of an LR volume; direction, field of view and slice axis kept, sample-aligned (module doc).
+
+    factor F > 0: each in-plane axis m_a → round(F·m_a) (rectangular, odd and unequal-FOV matrices alike).
+    factor 0 (default): a square m×m matrix goes onto model_size² (F = model_size/m, the trained range
+    lr_matrix_range); anything else is refused with a message naming --factor.
+    """
     axes = inplane_axes(axis)
-    m1, m2 = (lr.shape[a] for a in axes)
-    if m1 != m2:
-        raise ValueError(f"{lr.name}: in-plane matrix {m1}×{m2} is not square; call squarify_inplane() first "
-                         "(k-space zero-padding, needs equal in-plane fields of view)")
-    factor = check_lr_matrix(m1, model_size, scale_range, force=force)
-    affine, shape = _refine_axes(lr.affine, lr.shape, axes, model_size)
-    return ModelGrid(affine, shape, factor, axis, m1)
+    lr_inplane = tuple(int(lr.shape[a]) for a in axes)
+    if factor:
+        requested = check_factor(factor, scale_range, force=force)
+        inplane = tuple(refined_size(m, requested) for m in lr_inplane)
+    else:
+        m1, m2 = lr_inplane
+        if m1 != m2:
+            lo = scale_range[0]
+            raise ValueError(f"{lr.name}: in-plane matrix {m1}×{m2} is not square, so there is no default "
+                             f"{model_size}×{model_size} output; pass --factor F (F = {lo:g} … {scale_range[1]:g}, "
+                             f"each axis m → round(F·m); e.g. --factor {lo:g} gives "
+                             f"{refined_size(m1, lo)}×{refined_size(m2, lo)})")
+        requested = check_lr_matrix(m1, model_size, scale_range, force=force)
+        inplane = (model_size, model_size)
+    affine, shape = _refine_axes(lr.affine, lr.shape, dict(zip(axes, inplane)))
+    return ModelGrid(affine, shape, realised_factor(lr_inplane, inplane), axis, lr_inplane, inplane, requested)
 
 
 def squarify_inplane(volume: Volume, axis: int) -> Volume:
     """Zero-pad the k-space of a non-square in-plane matrix (m1 ≠ m2, equal FOVs) to max(m1, m2)².
+
+    No longer needed by super_resolve (target_grid takes any m1×m2 with --factor); kept for callers that want
+    a square LR matrix.
 
     Returns complex data (the exact band-limited interpolant, so a later zero-fill equals zero-filling the
     original block directly; take the magnitude after the final zero-fill). Refuses unequal fields of view:
@@ -435,7 +527,7 @@ def squarify_inplane(volume: Volume, axis: int) -> Volume:
     size = max(m1, m2)
     slices = to_slices(volume.data, axis)
     padded = kspace.zero_fill(slices, size)  # per in-plane axis: m → size (a no-op on the larger one)
-    affine, _ = _refine_axes(volume.affine, volume.shape, axes, size)
+    affine, _ = _refine_axes(volume.affine, volume.shape, {a: size for a in axes})
     return Volume(from_slices(padded, axis), affine, volume.path)
 
 
@@ -560,7 +652,11 @@ def _largest_component(binary: np.ndarray) -> np.ndarray:
 
 
 def brain_mask(t1: np.ndarray, axis: int = 0, erosion: int = 1) -> np.ndarray:
-    """Brain from a T1 on the target grid: Otsu threshold, largest 3D component, per-slice holes filled, eroded."""
+    """Brain from a T1 on the target grid: Otsu threshold, largest 3D component, per-slice holes filled, eroded.
+
+    The erosion treats outside the grid as brain (border_value=1), so a brain cut by the MRSI field of view
+    (partial coverage) keeps its voxels at the grid edge; only the boundary with the background is eroded.
+    """
     from skimage.filters import threshold_otsu
 
     t1 = np.asarray(t1, dtype=np.float64)
@@ -571,31 +667,85 @@ def brain_mask(t1: np.ndarray, axis: int = 0, erosion: int = 1) -> np.ndarray:
     out = np.empty_like(slices)
     for n, sl in enumerate(slices):
         filled = ndimage.binary_fill_holes(sl)
-        out[n] = ndimage.binary_erosion(filled, iterations=erosion) if erosion > 0 else filled
+        out[n] = ndimage.binary_erosion(filled, iterations=erosion, border_value=1) if erosion > 0 else filled
     return from_slices(out, axis)
 
 
+#: Connected pieces of the MRSI signal support smaller than this many LR voxels are noise, not signal.
+MIN_SUPPORT_LR_VOXELS = 4
+
+
+def _clean_support(raw: np.ndarray, cell: tuple[float, float]) -> np.ndarray:
+    """One slice of a thresholded |LR_zf|: opening by one LR voxel (cell = HR pixels per LR voxel, ≥ 2 pixels),
+    pieces under MIN_SUPPORT_LR_VOXELS dropped, holes filled. Noise in a zero-filled map is correlated over
+    one LR voxel, so a speck of noise above the threshold is about that size (thinner at its peak)."""
+    size = tuple(max(2, int(math.ceil(c - 1e-9))) for c in cell)
+    pad = tuple((k, k) for k in size)
+    opened = ndimage.binary_opening(np.pad(raw, pad, mode="edge"), structure=np.ones(size, bool))
+    opened = opened[pad[0][0]:-pad[0][1], pad[1][0]:-pad[1][1]]  # edge padding: the FOV edge is not a boundary
+    labels, n = ndimage.label(opened)
+    if n:
+        areas = ndimage.sum(opened, labels, index=np.arange(1, n + 1))
+        keep = np.flatnonzero(areas >= MIN_SUPPORT_LR_VOXELS * cell[0] * cell[1]) + 1
+        opened = np.isin(labels, keep)
+    return ndimage.binary_fill_holes(opened)
+
+
+#: A support voxel must exceed this many noise standard deviations (besides `fraction` of the robust max).
+NOISE_K = 3.0
+
+
+def noise_sigma(slice_zf: np.ndarray, cell: tuple[float, float] = (1.0, 1.0)) -> float:
+    """Robust noise σ of one zero-filled slice: MAD/0.6745 (Donoho & Johnstone, Biometrika 1994) of second
+    differences taken one LR voxel apart (ceil(cell) HR pixels, so the samples are ~independent), / √6 (the
+    variance of a second difference of white noise is 6σ²). The median ignores edges; a smooth map gives ≈ 0."""
+    img = np.asarray(slice_zf, dtype=np.float64)
+    diffs = []
+    for ax, c in enumerate(cell):
+        k = max(1, int(math.ceil(c - 1e-9)))
+        if img.shape[ax] > 2 * k:
+            a = np.take(img, np.arange(2 * k, img.shape[ax]), axis=ax)
+            b = np.take(img, np.arange(k, img.shape[ax] - k), axis=ax)
+            c0 = np.take(img, np.arange(0, img.shape[ax] - 2 * k), axis=ax)
+            diffs.append(np.abs(a - 2 * b + c0).ravel())
+    if not diffs:
+        return 0.0
+    return float(np.median(np.concatenate(diffs)) / 0.6745 / math.sqrt(6.0))
+
+
 def signal_support(lr_zf: np.ndarray, axis: int = 0, fraction: float = 0.05,
-                   percentile: float = prep.SCALE_PERCENTILE) -> np.ndarray:
-    """Per slice: |LR_zf| > fraction × its robust maximum (the `percentile` of |LR_zf| in that slice)."""
+                   percentile: float = prep.SCALE_PERCENTILE, cell: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Per slice: |LR_zf| > max(fraction × robust maximum, NOISE_K × noise σ), cleaned (:func:`_clean_support`).
+
+    The robust maximum is the `percentile` of |LR_zf| in that slice and σ is :func:`noise_sigma`, so any
+    intensity unit gives the same support; the noise term and the cleaning keep a noisy map's background
+    (noise above 5 % of the maximum) from making the support salt-and-pepper. `cell` = HR pixels per LR voxel
+    along the two in-plane axes (n_a/m_a).
+    """
     mag = to_slices(np.abs(np.asarray(lr_zf)), axis)
     robust_max = np.percentile(mag.reshape(len(mag), -1), percentile, axis=1)
-    support = (mag > fraction * robust_max[:, None, None]) & (robust_max[:, None, None] > 0)
-    return from_slices(support, axis)
+    out = np.zeros(mag.shape, dtype=bool)
+    for n, (sl, peak) in enumerate(zip(mag, robust_max)):
+        if peak > 0:
+            threshold = max(fraction * peak, NOISE_K * noise_sigma(sl, cell))
+            out[n] = _clean_support(sl > threshold, tuple(cell))
+    return from_slices(out, axis)
 
 
 def auto_mask(lr_zf: np.ndarray, t1: np.ndarray | None = None, axis: int = 0, *, fraction: float = 0.05,
-              erosion: int = 1) -> np.ndarray:
+              erosion: int = 1, cell: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """Quality mask when the user gives none: brain_mask(T1) AND signal_support(|LR_zf|).
 
     * Brain (if a T1 resampled onto the target grid is given): voxels above the Otsu threshold of the T1
       volume, keep the largest 3D connected component (drops skull/eye fragments), fill holes slice by slice
       (ventricles and lesions stay in), erode by `erosion` voxels (drops the skull/lipid rim).
     * MRSI signal support, slice by slice: |zero-filled LR| > `fraction` (5%) of that slice's robust maximum
-      (99.5th percentile, as prep.normalisation_scale) — excludes regions without MRSI signal.
+      (99.5th percentile, as prep.normalisation_scale) and > NOISE_K noise σ — excludes regions without MRSI
+      signal; opened by one LR voxel (`cell` = n/m per in-plane axis), specks under MIN_SUPPORT_LR_VOXELS
+      dropped, holes filled.
     Arrays share one shape, in volume order with slice `axis` (axis=0 for an (N, H, W) slice stack).
     """
-    support = signal_support(lr_zf, axis, fraction)
+    support = signal_support(lr_zf, axis, fraction, cell=cell)
     if t1 is None:
         return support
     t1 = np.asarray(t1)

@@ -14,6 +14,7 @@ import numpy as np
 
 MODEL_SIZE = 64  # in-plane matrix of the engine's model grid
 FOV_RTOL = 1e-3  # equal fields of view (same tolerance as ftddm_core.volume)
+THICK_RATIO, SHORT_RATIO, SI_MARGIN = 1.2, 0.8, 0.1  # slice-axis rule thresholds (as ftddm_core.volume)
 
 
 def kji_to_ijk(array: np.ndarray) -> np.ndarray:
@@ -81,25 +82,35 @@ def _inplane(axis: int) -> tuple[int, int]:
 
 
 def detect_slice_axis(shape, affine) -> int:
-    """The through-slab voxel axis of an MRSI grid, by ftddm_core's rule applied in order:
-    square in-plane matrix, then equal in-plane fields of view, then the axis closest to superior."""
+    """The through-slab voxel axis of an MRSI grid: ftddm_core.volume.slice_axis's rule (see its docstring),
+    steps in order: square in-plane matrix, equal in-plane FOVs, clearly thickest spacing, clearly fewest
+    voxels, clearly most superior–inferior, then fewest voxels / most superior–inferior / lowest index."""
     shape = tuple(int(n) for n in shape[:3])
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"expected a 3D shape, got {shape}")
-    fov = np.asarray(shape) * spacing(affine)
-    candidates = [0, 1, 2]
-    tests = (
-        lambda a: shape[_inplane(a)[0]] == shape[_inplane(a)[1]],
-        lambda a: math.isclose(fov[_inplane(a)[0]], fov[_inplane(a)[1]], rel_tol=FOV_RTOL),
+    size = spacing(affine)
+    fov = np.asarray(shape) * size
+    superior = np.abs(direction(affine)[2])
+
+    def pair(values, a):
+        return [values[b] for b in _inplane(a)]
+
+    steps = (
+        lambda a, c: pair(shape, a)[0] == pair(shape, a)[1],
+        lambda a, c: math.isclose(*pair(fov, a), rel_tol=FOV_RTOL),
+        lambda a, c: all(size[a] >= THICK_RATIO * size[b] for b in c if b != a),
+        lambda a, c: all(shape[a] <= SHORT_RATIO * shape[b] for b in c if b != a),
+        lambda a, c: all(superior[a] >= superior[b] + SI_MARGIN for b in c if b != a),
+        lambda a, c: shape[a] == min(shape[b] for b in c),
     )
-    for test in tests:
-        passing = [a for a in candidates if test(a)]
+    candidates = [0, 1, 2]
+    for test in steps:
+        passing = [a for a in candidates if test(a, candidates)]
         if len(passing) == 1:
             return passing[0]
         if passing:
             candidates = passing
-    superior = np.abs(direction(affine)[2, candidates])
-    return candidates[int(np.argmax(superior))]
+    return candidates[int(np.argmax(superior[candidates]))]
 
 
 def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE, slice_axis: int = -1) -> tuple[int, int, float]:

@@ -30,6 +30,7 @@ class SuperResolveParameters:
     data_consistency: float = 0.0  # λ ∈ [0, 1], blend of the measured central k-space
     seed: int = 0
     device: str = "auto"
+    factor: float = 0.0  # in-plane upscaling F (each axis m → round(F·m)); 0 = automatic (square m → 64)
     scale: float = 0.0  # conditioned upscaling factor; 0 = detected from the LR matrix
     slice_axis: int = -1  # −1 = automatic (through-slab axis)
     max_batch: int = 64
@@ -60,6 +61,10 @@ class SuperResolveParameters:
         device = str(self.device)
         if device.split(":")[0] not in DEVICES or (":" in device and not device.startswith("cuda:")):
             raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}")
+        number("factor", 0.0, 64.0)
+        if self.factor and not self.force and not SCALE_RANGE[0] <= self.factor <= SCALE_RANGE[1]:
+            raise ValueError(f"factor must be 0 (automatic) or in {list(SCALE_RANGE)}, got {self.factor!r}; "
+                             "enable 'force' to run outside the trained range")
         number("scale", 0.0, 64.0)
         if self.scale and not self.force and not SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]:
             raise ValueError(f"scale must be 0 (automatic) or in {list(SCALE_RANGE)}, got {self.scale!r}; "

@@ -130,6 +130,112 @@ def test_lr_matrix_outside_the_trained_range():
         super_resolve(lr, t1, flair, model=IdentityModel())
 
 
+# ------------------------------------------------------------------------- any matrix and factor (issue 11)
+def real_scan_case(slices=22):
+    """Issue 11's geometry: 32×42×22 at 5×5×5.25 mm, slightly oblique, a smooth blob at a known RAS point."""
+    rot = rotation([1, 0.3, 0.2], 8.0)
+    shape, spacing = (32, 42, slices), np.array([5.0, 5.0, 5.25])
+    aff = np.eye(4)
+    aff[:3, :3] = rot * spacing
+    aff[:3, 3] = -(rot * spacing) @ ((np.array(shape) - 1) / 2)
+    xyz = V.grid_centres(aff, shape)
+    blob = 1e3 * (5.0 + 40.0 * np.exp(-np.sum((xyz - [10.0, -20.0, 5.0]) ** 2, -1) / (2 * 15.0 ** 2)))
+    _, t1, flair = oblique_case()
+    return V.Volume(blob.astype(np.float32), aff, "scan.nii.gz"), t1, flair
+
+
+def test_rectangular_oblique_scan_at_factor_4_gives_a_128x168_grid_within_a_stated_memory():
+    import tracemalloc
+
+    lr, t1, flair = real_scan_case()
+    model = IdentityModel()
+    tracemalloc.start()
+    out = super_resolve(lr, t1, flair, model=model, samples=1, factor=4.0, max_batch=8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    grid = V.target_grid(lr, 2, factor=4.0)
+    assert out.sr.shape == (128, 168, 22) and np.allclose(out.sr.affine, grid.affine)
+    assert out.options["slice_axis"] == 2 and out.options["factor"] == 4.0 and out.options["scale"] == 4.0
+    cond, scale, kw = model.calls[0]
+    assert cond.shape == (22, 4, 128, 168) and torch.all(scale == 4.0) and kw["max_batch"] == 8
+    zf = V.from_slices(np.abs(kspace.zero_fill(V.to_slices(lr.data, 2), (128, 168))), 2)
+    mask = out.mask.data > 0
+    assert 0.05 < mask.mean() < 0.95
+    np.testing.assert_allclose(out.sr.data[..., 0], zf * mask, rtol=1e-4, atol=1e-4 * zf.max())
+    # Memory of the pipeline outside the network (numpy, traced by tracemalloc; measured 37.9 MB): the output
+    # grid has V = 22·128·168 = 473 088 voxels per map; the bound 30·4·V bytes (57 MB) is 30 float32 copies
+    # of it, the T1/FLAIR resampling (120³ float32, 6.9 MB each) included. The torch tensors (cond 4·V,
+    # mean and std V each, float32) are not traced: + 11 MB. The network's own activations are bounded by
+    # max_batch images of n1×n2 per call.
+    voxels = 22 * 128 * 168
+    assert peak < 30 * 4 * voxels, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_factor_contract_of_super_resolve():
+    lr, t1, flair = oblique_case(m=16)
+    model = IdentityModel()
+    out = super_resolve(lr, t1, flair, model=model, samples=1, factor=2.0)  # overrides 64/m = 4
+    assert out.sr.shape == (32, 32, 5) and float(model.calls[-1][1][0]) == 2.0
+    assert np.allclose(out.sr.affine, V.target_grid(lr, 2, factor=2.0).affine)
+    out = super_resolve(lr, t1, flair, model=model, samples=1, factor=2.5)  # 16 → 40
+    assert out.sr.shape == (40, 40, 5) and float(model.calls[-1][1][0]) == 2.5
+    with pytest.raises(ValueError, match=r"--factor 10 is outside .*--force"):
+        super_resolve(lr, t1, flair, model=model, factor=10.0)
+    out = super_resolve(lr, t1, flair, model=model, samples=1, factor=10.0, force=True)
+    assert out.sr.shape == (160, 160, 5)
+    big, t1, flair = oblique_case(m=40)
+    with pytest.raises(ValueError, match=r"trained range.*--factor"):
+        super_resolve(big, t1, flair, model=model)
+    assert super_resolve(big, t1, flair, model=model, samples=1, factor=2.0).sr.shape == (80, 80, 5)
+    scan, t1, flair = real_scan_case(slices=4)
+    with pytest.raises(ValueError, match=r"32×42 is not square.*--factor"):
+        super_resolve(scan, t1, flair, model=model)
+
+
+def test_odd_rounded_factor_conditions_on_the_geometric_mean():
+    scan, t1, flair = real_scan_case(slices=3)
+    odd = V.Volume(scan.data[:31, :41], scan.affine, "odd.nii.gz")  # 31×41 · 2.5 → 78 (77.5 up) × 103 (102.5 up)
+    model = IdentityModel()
+    out = super_resolve(odd, t1, flair, model=model, samples=1, factor=2.5)
+    assert out.sr.shape == (78, 103, 3)
+    s = float(model.calls[-1][1][0])
+    assert s == pytest.approx(np.sqrt(78 / 31 * 103 / 41)) and out.options["scale"] == pytest.approx(s)
+    assert np.allclose(out.sr.affine, V.target_grid(odd, 2, factor=2.5).affine)
+
+
+def test_a_4d_file_with_one_volume_is_treated_as_3d():
+    lr, t1, flair = oblique_case()
+    four = V.Volume(lr.data[..., None], lr.affine, "one.nii.gz")
+    a = super_resolve(lr, t1, flair, model=IdentityModel(), samples=1)
+    b = super_resolve(four, t1, flair, model=IdentityModel(), samples=1)
+    assert b.options["inputs"] == ["one.nii.gz"] and b.sr.data.shape == a.sr.data.shape == (64, 64, 5, 1)
+    np.testing.assert_array_equal(a.sr.data, b.sr.data)
+
+
+def test_mask_on_a_finer_rotated_grid_is_resampled_in_physical_space():
+    lr, t1, flair = oblique_case()
+    maff = np.eye(4)
+    maff[:3, :3] = rotation([0.3, -1, 0.6], 33.0) * 1.5  # a 1.5 mm mask grid, rotated against the MRSI
+    maff[:3, 3] = -maff[:3, :3] @ np.array([60.0, 60.0, 60.0])
+    ball = np.linalg.norm(V.grid_centres(maff, (120, 120, 120)) - [5.0, 8.0, 0.0], axis=-1) < 35.0
+    out = super_resolve(lr, t1, flair, V.Volume(ball.astype(np.uint8), maff, "mask.nii.gz"),
+                        model=IdentityModel(), samples=1)
+    dist = np.linalg.norm(V.grid_centres(out.mask.affine, out.mask.shape) - [5.0, 8.0, 0.0], axis=-1)
+    got = out.mask.data > 0
+    slack = 1.5 * np.sqrt(3) / 2  # nearest neighbour: within half a mask-voxel diagonal of the sphere
+    assert got[dist < 35.0 - slack].all() and not got[dist > 35.0 + slack].any() and got.any()
+
+
+def test_intensity_units_do_not_change_the_mask_or_the_condition():
+    lr, t1, flair = oblique_case()
+    model = IdentityModel()
+    a = super_resolve(lr, t1, flair, model=model, samples=1)
+    b = super_resolve(V.Volume(lr.data * 1e3, lr.affine), t1, flair, model=model, samples=1)
+    np.testing.assert_array_equal(a.mask.data, b.mask.data)
+    np.testing.assert_allclose(model.calls[1][0].numpy(), model.calls[0][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(b.sr.data, 1e3 * a.sr.data, rtol=1e-4, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
 def exam(tmp_path_factory):
@@ -225,3 +331,22 @@ def test_cli_bad_input_names_the_file(exam, tmp_path, tiny_model_file, capsys, c
     err = capsys.readouterr().err
     assert message.lower() in err.lower() and "bad" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_cli_4d_file_with_one_volume_writes_3d_outputs(exam, tmp_path, tiny_model_file):
+    img = nib.load(str(exam["NAA"]))
+    four = tmp_path / "NAA4d.nii.gz"
+    nib.save(nib.Nifti1Image(img.get_fdata().astype(np.float32)[..., None], img.affine), str(four))
+    out = tmp_path / "o"
+    assert main(["super-resolve", "--lr", str(four), "--t1", str(exam["t1"]), "--flair", str(exam["flair"]),
+                 "--out", str(out), "--model", str(tiny_model_file), "--steps", "1", "--samples", "1",
+                 "--device", "cpu"]) == 0
+    sr = nib.load(str(out / "NAA4d_sr.nii.gz"))
+    assert sr.shape == (64, 64, 3)
+    np.testing.assert_allclose(sr.affine, exam["hr_affine"], atol=1e-4)
+
+
+def test_cli_factor_flag(exam, tmp_path, tiny_model_file, capsys):
+    assert cli(exam, tmp_path / "o", tiny_model_file, "--factor", "9") == 2
+    err = capsys.readouterr().err
+    assert "--factor 9" in err and "--force" in err

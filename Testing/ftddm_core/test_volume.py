@@ -1,4 +1,5 @@
 """volume: geometry against nibabel/SimpleITK and the mathematics of band-limited interpolation; bad input."""
+import math
 import os
 
 import nibabel as nib
@@ -257,8 +258,27 @@ def test_slice_axis_rules():
     assert V.slice_axis(V.Volume(np.ones((8, 8, 8)), sag)) == 1  # full tie → most superior–inferior
     assert V.slice_axis(V.Volume(np.ones((16, 12, 4)), make_affine(np.eye(3), (3, 4, 5), 0))) == 2  # FOVs 48, 48
     assert V.slice_axis(V.Volume(np.ones((16, 16, 10)), aff), override=0) == 0
+    # Without a square pair or equal FOVs: thicker, then clearly fewer voxels, then superior–inferior.
+    iso5 = make_affine(np.eye(3), (5.0, 5.0, 5.0), 0)
+    assert V.slice_axis(V.Volume(np.ones((32, 42, 8)), make_affine(np.eye(3), (5, 5, 10), 0))) == 2  # thicker
+    assert V.slice_axis(V.Volume(np.ones((8, 42, 32)), make_affine(np.eye(3), (10, 5, 5), 0))) == 0
+    sag_5mm = make_affine(np.eye(3)[:, [1, 2, 0]], (5.0, 5.0, 5.0), 0)  # axes: A–P, S–I, L–R
+    assert V.slice_axis(V.Volume(np.ones((24, 32, 12)), sag_5mm)) == 2  # fewest voxels beats the S–I in-plane axis
+    assert V.slice_axis(V.Volume(np.ones((30, 28, 26)), iso5)) == 2  # no clear shortest: superior–inferior
+    assert V.slice_axis(V.Volume(np.ones((26, 30, 28)), iso5)) == 2
+    tilted = make_affine(rotation([1, 0, 0], 45.0), (5.0, 5.0, 5.0), 0)  # axes 1 and 2 equally S–I
+    assert V.slice_axis(V.Volume(np.ones((30, 29, 27)), tilted)) == 2  # S–I tie → fewest voxels
     with pytest.raises(ValueError, match="0, 1 or 2"):
         V.slice_axis(V.Volume(np.ones((16, 16, 10)), aff), override=3)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_slice_axis_of_the_real_oblique_scan_is_its_22_slice_axis(order):
+    """Issue 11's 3T scan: 32×42×22 at 5×5×5.25 mm, slightly oblique; no square pair, no equal FOVs."""
+    rot = rotation([1, 0.3, 0.2], 8.0)
+    shape, spacing = np.array([32, 42, 22]), np.array([5.0, 5.0, 5.25])
+    lr = V.Volume(np.ones(tuple(shape[list(order)])), make_affine(rot[:, list(order)], spacing[list(order)], 0))
+    assert V.slice_axis(lr) == order.index(2)
 
 
 # ---------------------------------------------------------------------------- target grid (point source)
@@ -322,6 +342,94 @@ def test_point_source_lands_at_its_physical_position(m, axis):
 def test_hr_origin_index():
     assert V.hr_origin_index(16, 64) == 0 and V.hr_origin_index(8, 64) == 0
     assert V.hr_origin_index(9, 64) == -0.5 and V.hr_origin_index(11, 16) == -0.5
+    # the documented odd-size rule: even m, odd N → +m/(2N); odd m, odd N → −½·(1 − m/N)
+    assert V.hr_origin_index(16, 39) == pytest.approx(16 / 78) and V.hr_origin_index(9, 27) == pytest.approx(-1 / 3)
+
+
+def test_refined_size_rounds_halves_up():
+    assert [V.refined_size(m, 2.5) for m in (21, 23, 15, 16)] == [53, 58, 38, 40]
+    assert V.refined_size(32, 4) == 128 and V.refined_size(42, 4) == 168 and V.refined_size(9, 3) == 27
+
+
+def rect_point_source(lr_inplane, n_slices, axis, spacing, rot, origin, centre):
+    """LR volume (any m1×m2) whose in-plane samples are a band-limited blob at continuous LR index `centre`."""
+    a, b = V.inplane_axes(axis)
+    shape = [0, 0, 0]
+    shape[a], shape[b] = lr_inplane
+    shape[axis] = n_slices
+    lr = V.Volume(np.zeros(shape), make_affine(rot, spacing, origin))
+
+    def truth(ijk):  # the unique band-limited interpolant along each in-plane axis (its own period m_a)
+        return (band_limited(ijk[..., a], shape[a], centre[a], shape[a] / 5)
+                * band_limited(ijk[..., b], shape[b], centre[b], shape[b] / 5) * (1.0 + 0.1 * ijk[..., axis]))
+
+    lr.data[...] = truth(ijk_grid(shape).reshape(*shape, 3).astype(float))
+    return lr, truth
+
+
+# (m1, m2) along inplane_axes(axis), slice axis, voxel size (mm) along i, j, k, factor F
+RECT_CASES = {
+    "rectangular, unequal FOV 80×60, F=2": ((16, 12), 2, (5.0, 5.0, 8.0), 2.0),
+    "odd 21×15, unequal FOV 84×90, F=2.5": ((21, 15), 1, (4.0, 10.0, 6.0), 2.5),
+    "odd output 27×42, F=3": ((9, 14), 0, (12.0, 7.0, 5.0), 3.0),
+    "issue-11 scan 32×42 at 5 mm → 128×168, F=4": ((32, 42), 2, (5.0, 5.0, 5.25), 4.0),
+    "square 16×16 with F=2.5 (overrides 64/m)": ((16, 16), 2, (13.0, 13.0, 4.0), 2.5),
+}
+
+
+@pytest.mark.parametrize("case", list(RECT_CASES))
+def test_point_source_lands_at_its_ras_position_on_any_grid(case):
+    lr_inplane, axis, spacing, F = RECT_CASES[case]
+    rot = rotation([0.4, 1.0, 0.2], 8.0) if "issue" in case else OBLIQUE
+    centre = np.array([5.3, 7.6, 4.2])
+    centre[axis] = 1.0
+    lr, truth = rect_point_source(lr_inplane, 3, axis, spacing, rot, (-80.0, 60.0, -15.0), centre)
+    assert V.slice_axis(lr) == axis
+    grid = V.target_grid(lr, axis, factor=F)
+    n1, n2 = grid.inplane
+    assert grid.inplane == tuple(math.floor(F * m + 0.5) for m in lr_inplane) and grid.lr_inplane == lr_inplane
+    assert grid.requested_factor == F
+    assert grid.factor == pytest.approx(math.sqrt(n1 / lr_inplane[0] * n2 / lr_inplane[1]))
+    zf = V.from_slices(kspace.zero_fill(V.to_slices(lr, axis), (n1, n2)), axis)
+    assert zf.shape == grid.shape and np.abs(zf.imag).max() < 1e-10
+
+    # Every HR voxel holds the band-limited function at its own physical position.
+    centres = V.grid_centres(grid.affine, grid.shape)
+    lr_index = lr.world_to_voxel(centres)
+    assert np.allclose(lr_index[..., axis], np.round(lr_index[..., axis]), atol=1e-9)  # slice positions kept
+    assert np.allclose(zf.real, truth(lr_index), atol=1e-9)
+
+    # The peak voxel is within half an HR voxel of the source's RAS position.
+    hr = V.Volume(zf.real, grid.affine)
+    peak = np.unravel_index(np.argmax(V.to_slices(zf.real, axis)[1]), (n1, n2))
+    peak_ijk = np.zeros(3)
+    peak_ijk[list(V.inplane_axes(axis))] = peak
+    peak_ijk[axis] = 1
+    assert np.linalg.norm(hr.voxel_to_world(peak_ijk) - lr.voxel_to_world(centre)) <= 0.5 * np.linalg.norm(hr.spacing)
+
+    # Geometry: same direction and slice column, spacing Δ·m/N per axis, the field of view kept exactly.
+    inplane = list(V.inplane_axes(axis))
+    assert np.allclose(hr.direction, lr.direction)
+    assert np.allclose(grid.affine[:3, axis], lr.affine[:3, axis])
+    assert np.allclose(hr.spacing[inplane], np.asarray(spacing)[inplane] * np.asarray(lr_inplane) / (n1, n2))
+    assert np.allclose(hr.fov[inplane], lr.fov[inplane], rtol=1e-12)
+
+
+def test_factor_contract_of_the_target_grid():
+    square = V.Volume(np.ones((16, 16, 3)), np.eye(4))
+    default = V.target_grid(square, 2)
+    assert default.inplane == (64, 64) and default.factor == 4.0 and default.requested_factor == 4.0
+    assert V.target_grid(square, 2, factor=2.0).inplane == (32, 32)  # --factor overrides 64/m
+    for bad in (1.5, 10.0):
+        with pytest.raises(ValueError, match=r"--factor .*trained range 2 … 8.*--force"):
+            V.target_grid(square, 2, factor=bad)
+        assert V.target_grid(square, 2, factor=bad, force=True).inplane == (V.refined_size(16, bad),) * 2
+    with pytest.raises(ValueError, match="≥ 1"):
+        V.target_grid(square, 2, factor=0.5, force=True)
+    with pytest.raises(ValueError, match=r"not square.*--factor F.*--factor 2 gives 64×84"):
+        V.target_grid(V.Volume(np.ones((32, 42, 22)), np.eye(4)), 2)
+    with pytest.raises(ValueError, match=r"trained range 8 … 32.*--factor.*--factor 2 gives 80×80.*--force"):
+        V.target_grid(V.Volume(np.ones((40, 40, 2)), np.eye(4)), 2)
 
 
 def test_lr_matrix_range_and_force():
@@ -345,7 +453,7 @@ def test_squarify_non_square_matrix_with_equal_fov():
         return band_limited(ijk[..., 0], m1, c[0], 3) * band_limited(ijk[..., 1], m2, c[1], 2.5)
 
     lr.data[...] = truth(ijk_grid(lr.shape).reshape(*lr.shape, 3).astype(float))
-    with pytest.raises(ValueError, match="squarify_inplane"):
+    with pytest.raises(ValueError, match="not square.*--factor"):
         V.target_grid(lr, 2)
     sq = V.squarify_inplane(lr, 2)
     assert sq.shape == (16, 16, 2) and np.allclose(sq.spacing, [12.0, 12.0, 5.0])
@@ -499,3 +607,60 @@ def test_antialiased_downsampling_averages_fine_detail_and_keeps_ramps():
     expected = 0.5 * centres[..., 0] + 0.25 * centres[..., 1] - 0.1 * centres[..., 2]
     inner = (slice(1, -1), slice(1, -1), slice(None))  # away from the source's edge
     np.testing.assert_allclose(out[inner], expected[inner], atol=5e-3)
+
+
+# ------------------------------------------------------------------------ inputs as they arrive (issue 11)
+def noisy_partial_map(rng, m=24, slices=3, sigma=0.06):
+    """LR magnitude map: signal ≈ 1 (±10 %) inside an excited box of 14×10 LR voxels (partial coverage),
+    |N(0, σ)| noise everywhere — σ = 6 % of the maximum, so the noise alone exceeds a 5 % threshold ~40 % of the time."""
+    box = np.zeros((m, m), bool)
+    box[5:19, 8:18] = True
+    signal = np.where(box, 1.0 + 0.1 * np.sin(np.arange(m) / 2.0)[:, None], 0.0)
+    lr = np.abs(signal[None] + sigma * rng.standard_normal((slices, m, m)))
+    return lr, box
+
+
+def test_signal_support_of_a_noisy_map_is_the_excited_region_not_salt_and_pepper():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    lr, box = noisy_partial_map(rng)
+    F = 4
+    zf = np.abs(kspace.zero_fill(lr, 24 * F))
+    raw = zf > 0.05 * np.percentile(zf.reshape(3, -1), 99.5, axis=1)[:, None, None]
+    support = V.signal_support(zf, 0, cell=(F, F))
+    hr_box = np.kron(box, np.ones((F, F), bool))  # LR voxel i covers HR pixels F·i … F·i + F − 1 (sample-aligned)
+    near = ndimage.binary_dilation(hr_box, iterations=F + 2)  # one LR voxel of Gibbs/partial volume slack
+    inner = ndimage.binary_erosion(hr_box, iterations=F + 2)
+    for n in range(3):
+        assert ndimage.label(raw[n])[1] > 5  # the plain 5 % threshold is speckled (the problem)
+        assert ndimage.label(support[n])[1] == 1  # cleaned: one piece …
+        assert not (support[n] & ~near).any() and support[n][inner].all()  # … the excited box, without holes
+
+
+def test_auto_mask_and_normalisation_are_independent_of_the_intensity_unit():
+    rng = np.random.default_rng(6)
+    lr, _ = noisy_partial_map(rng)
+    zf = np.abs(kspace.zero_fill(lr, 96)).astype(np.float32)
+    t1 = np.repeat(np.pad(np.ones((60, 70)), ((18, 18), (13, 13)))[None], 3, 0) * 0.8
+    mask = V.auto_mask(zf, t1, 0, cell=(4, 4))
+    assert mask.any() and np.array_equal(mask, V.auto_mask(zf * np.float32(1e3), t1, 0, cell=(4, 4)))
+    from ftddm_core import prep
+
+    cond1, s1, _ = prep.model_inputs(lr, mask, t1, t1, 96)
+    cond2, s2, _ = prep.model_inputs(lr * 1e3, mask, t1, t1, 96)
+    np.testing.assert_allclose(s2, 1e3 * s1, rtol=1e-6)
+    np.testing.assert_allclose(cond2.numpy(), cond1.numpy(), atol=1e-6)
+
+
+def test_brain_mask_of_a_partially_covered_brain_reaches_the_grid_edge():
+    n = 48
+    y, x = np.mgrid[:n, :n]
+    head = np.hypot(x - 24, y - 40) < 26  # the brain continues below the grid edge (partial coverage)
+    t1 = np.repeat(np.where(head, 0.8, 0.0)[None], 3, 0)
+    brain = V.brain_mask(t1, 0)
+    assert brain[:, -1, 20:28].all()  # the edge row inside the brain is kept …
+    from scipy import ndimage
+
+    rim = head & ~ndimage.binary_erosion(head, border_value=1)  # the boundary with the background only
+    assert rim.any() and not brain[:, rim].any()  # … while that boundary is eroded
