@@ -124,7 +124,8 @@ def encoder_config(channels: tuple[int, ...] = (32, 64, 96, 128), num_res_blocks
 
 
 def preset(name: str) -> FTDDMConfig:
-    """Named configurations: ``paper``, ``compact`` (default, CPU-trainable), ``regression`` and ``tiny`` (tests)."""
+    """Named configurations: ``paper``, ``compact`` (default, CPU-trainable), ``regression`` (its encoder alone),
+    ``ddpm`` (a plain full-chain conditional DDPM with the compact ε-UNet, for comparisons) and ``tiny`` (tests)."""
     if name == "paper":
         enc = encoder_config((64, 128, 192, 256), 3)
         return FTDDMConfig(
@@ -148,8 +149,15 @@ def preset(name: str) -> FTDDMConfig:
             unet=UNetConfig(channels=(8, 16, 16, 16), num_res_blocks=1, num_heads=2),
             flow=FlowConfig(steps_per_level=1, hidden_channels=8, cond_hidden=4, feature_channels=enc.channels),
         )
+
+
+    if name == "ddpm":  # the plain conditional DDPM baseline: the compact ε-UNet on y alone, full chain
+        base = preset("compact")
+        base.unet.cond_channels = len(COND_CHANNELS)
+        return FTDDMConfig(name="ddpm", encoder=base.encoder, unet=base.unet, flow=base.flow,
+                           diffusion=DiffusionConfig(t_trunc=999))
     raise ValueError(f"unknown config {name!r}; expected one of {PRESETS}")
 
 
-PRESETS = ("paper", "compact", "regression", "tiny")
+PRESETS = ("paper", "compact", "regression", "ddpm", "tiny")
 KINDS = ("ftddm", "regression")

@@ -72,8 +72,9 @@ def method_specs(tau_d: float = 0.9) -> dict[str, RunSpec]:
     specs = [
         RunSpec("zero_filled", "Zero-filling", "zero_filled"),
         RunSpec("bicubic", "Bicubic", "bicubic"),
-        RunSpec("regression", "UNet regression (one pass)", "regression", "regression"),
-        RunSpec("flow_only", "Flow only (Ttrunc = 0)", "flow", "main"),
+        RunSpec("regression", "UNet regression (one pass; the FTDDM model's SR encoder unless "
+                "--regression-model)", "regression", "regression"),
+        RunSpec("flow_only", "Flow start ÷ √ᾱ (mode at Ttrunc, not a Ttrunc = 0 flow)", "flow", "main"),
         RunSpec(HEADLINE_DDPM, "DDPM full chain", "chain", "ddpm", "ancestral", "noise", tau_d=1.0),
         RunSpec("ddpm_respaced_100", "DDPM respaced to 100", "chain", "ddpm", "ddpm", "noise", steps=100, tau_d=1.0),
     ]
@@ -429,6 +430,8 @@ def resolve_spec(spec: RunSpec, models: dict[str, LoadedModel]) -> tuple[RunSpec
     """Fill model-dependent fields (start index, re-noised start) or return why the method cannot run."""
     if spec.model == "none":
         return spec, None
+    if spec.model == "regression" and "regression" not in models and "main" in models:
+        spec = replace(spec, model="main")  # FTDDM v2: its SR encoder is the one-pass regression, same training
     lm = models.get(spec.model)
     if lm is None:
         why = {"ddpm": "needs a UNet trained on the full chain: no --ddpm-model given (train one with "
@@ -470,26 +473,33 @@ def parameters_of(spec: RunSpec, models: dict[str, LoadedModel]) -> int:
     lm = models.get(spec.model)
     if lm is None:
         return 0
+    if spec.kind == "regression":
+        return lm.parameters("encoder")
     if spec.kind == "flow":
-        return lm.parameters("flow")
+        return lm.parameters("encoder") + lm.parameters("flow")
     if spec.kind == "chain" and spec.start != "noise":
-        return lm.parameters("unet") + lm.parameters("flow")
-    return lm.parameters("unet")
+        return lm.parameters("encoder") + lm.parameters("unet") + lm.parameters("flow")
+    return lm.parameters("encoder") + lm.parameters("unet")
 
 
 # ============================================================================================ sampling
 @torch.no_grad()
-def flow_estimate(model, cond: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
-    """Flow only (Ttrunc = 0): x̂0 = F⁻¹(μ_z; y) / √ᾱ_Ttrunc, clamped to the data range and masked."""
+def flow_estimate(model, cond: torch.Tensor, scale, max_batch: int | None = None) -> torch.Tensor:
+    """The flow start as an estimate: x̂0 = mode of p(x_Ttrunc | y) / √ᾱ_Ttrunc, clamped and masked.
+
+    Not the paper's Ttrunc = 0 ablation (a flow trained on x0): it shows what the chain's start carries.
+    """
     device = getattr(model, "device", cond.device)
     lo, hi = model.config.x0_clip
-    a = float(np.sqrt(model.schedule.alphas_cumprod[model.config.diffusion.t_trunc]))
     step = max_batch or len(cond)
     outs = []
     for i in range(0, len(cond), step):
         c = cond[i:i + step].to(device)
-        x = model.flow.sample(c, 0.0).float()  # the flow's mode at Ttrunc (deterministic)
-        outs.append(((x / a).clamp(lo, hi) * c[:, 1:2]).to(cond.device))
+        s = torch.as_tensor(scale, dtype=c.dtype, device=device)
+        s = s.expand(len(cond)) if s.ndim == 0 else s
+        x0_enc, features = model.encode(c, s[i:i + step])
+        x = model.flow_sample(c, x0_enc, features, 0.0).float()  # the flow's mode at Ttrunc (deterministic)
+        outs.append(((x / model.flow_shift_factor).clamp(lo, hi) * c[:, 1:2]).to(cond.device))
     return torch.cat(outs)
 
 
@@ -514,7 +524,9 @@ def sample_renoised(model, cond: torch.Tensor, scale, t_start: int, *, sampler: 
     scale = scale.expand(B) if scale.ndim == 0 else scale
     mask = cond[:, 1:2]
     clip = model.config.x0_clip
-    x0_flow = flow_estimate(model, cond, max_batch).to(device=device, dtype=cond.dtype)
+    x0_flow = flow_estimate(model, cond, scale, max_batch).to(device=device, dtype=cond.dtype)
+    x0_enc = torch.cat([model.encode(cond[i:i + (max_batch or B)], scale[i:i + (max_batch or B)])[0]
+                        for i in range(0, B, max_batch or B)]).to(cond.dtype)
     seeds = torch.randint(0, 2**62, (n_samples, B), generator=generator)
     chains = [(k, b) for k in range(n_samples) for b in range(B)]
     step = max_batch or B
@@ -529,7 +541,7 @@ def sample_renoised(model, cond: torch.Tensor, scale, t_start: int, *, sampler: 
         eps = randn_like(x0_flow[rows], gens) * m
         x = model.schedule.q_sample(x0_flow[rows], torch.full((len(chunk),), t_start, dtype=torch.long), eps)
         c, s = cond[rows], scale[rows]
-        denoiser = CountingDenoiser(lambda x_t, t: model.unet(x_t, t, c, s), model.schedule, mask=m,
+        denoiser = CountingDenoiser(model.denoiser(c, x0_enc[rows], s), model.schedule, mask=m,
                                     x0_hook=ftddm_x0_hook(clip, m))
         x0 = sample_chain(denoiser, x, model.schedule, sampler=sampler, t_start=t_start, steps=steps, tau_d=tau_d,
                           mask=m, generator=gens, callback=callback)
@@ -561,9 +573,9 @@ def execute(spec: RunSpec, data: ScaleData, models: dict[str, LoadedModel], opts
         with autocast(device, opts.bf16):
             if spec.kind == "flow":
                 res = None
-                mean = flow_estimate(model, data.cond, opts.max_batch).float().numpy()[:, 0]
+                mean = flow_estimate(model, data.cond, scale, opts.max_batch).float().numpy()[:, 0]
             elif spec.kind == "regression":
-                res = model.sample(data.cond, scale, max_batch=opts.max_batch)
+                res = model.sample(data.cond, scale, sampler="regression", max_batch=opts.max_batch)
             elif spec.start == "renoised":
                 res = sample_renoised(model, data.cond, scale, spec.t_start, sampler=spec.sampler,
                                       steps=max(spec.steps, 1), tau_d=spec.tau_d, n_samples=opts.samples,

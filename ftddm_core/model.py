@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import json_metadata, read_safetensors, write_safetensors
-from .config import KINDS, FTDDMConfig, preset
+from .config import COND_CHANNELS, KINDS, FTDDMConfig, preset
 from .flow import ConditionalFlow
 from .schedule import DiffusionSchedule
 from .unet import UNet
@@ -84,9 +84,14 @@ class FTDDM(nn.Module):
         r = x - self.flow_shift_factor * x0_enc.to(x.dtype)
         return self.flow.log_prob(r, self.with_estimate(cond, x0_enc), features, valid)
 
+    @property
+    def unet_sees_estimate(self) -> bool:
+        """Whether the ε-UNet is conditioned on x̂0_enc (v2) or on y alone (a plain conditional DDPM baseline)."""
+        return self.unet is not None and self.unet.config.cond_channels == len(COND_CHANNELS) + 1
+
     def denoiser(self, cond, x0_enc, scale, valid=None):
         """ε̂(x_t, t) of the ε-UNet with everything but (x_t, t) closed over (the samplers' interface)."""
-        ucond = self.with_estimate(cond, x0_enc)
+        ucond = self.with_estimate(cond, x0_enc) if self.unet_sees_estimate else cond
         return lambda x_t, t: self.unet(x_t, t, ucond, scale, valid)
 
     def pad(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
@@ -105,8 +110,9 @@ class FTDDM(nn.Module):
         s = torch.as_tensor(scale, dtype=torch.float64)
         if not force and (bool((s < lo - 1e-6).any()) or bool((s > hi + 1e-6).any())):
             raise ValueError(
-                f"upscaling factor(s) {sorted(set(s.flatten().tolist()))} outside the model's trained range "
-                f"[{lo}, {hi}] (LR matrix {64 / hi:g}..{64 / lo:g} for a 64 grid); pass force=True to try anyway"
+                f"upscaling factor(s) {sorted(set(round(v, 3) for v in s.flatten().tolist()))} outside the model's "
+                f"trained range [{lo:g}, {hi:g}]; choose --factor (factor=) in that range, or pass --force "
+                "(force=True) to try anyway"
             )
 
     def sample(self, cond: torch.Tensor, scale: torch.Tensor, *, force_scale: bool = False, **kwargs):

@@ -294,14 +294,26 @@ class SampleResult:
 
 
 def ftddm_x0_hook(clip: tuple[float, float], mask: torch.Tensor | None = None,
-                  measured_kspace: torch.Tensor | None = None, weight: float = 0.0):
-    """x̂0 correction: clamp to the data range, optional k-space data consistency with weight λ, then mask."""
+                  measured_kspace: torch.Tensor | None = None, weight: float = 0.0,
+                  image_size: tuple[int, int] | None = None):
+    """x̂0 correction: clamp to the data range, optional k-space data consistency with weight λ, then mask.
+
+    image_size: the unpadded (H, W) when x̂0 is zero-padded at the bottom/right (FTDDM.pad): k-space data
+    consistency acts on the image's own grid, whose centred spectrum the measurement refers to.
+    """
     low, high = float(clip[0]), float(clip[1])
+
+    def consistent(x0: torch.Tensor) -> torch.Tensor:
+        if image_size is None or tuple(x0.shape[-2:]) == tuple(image_size):
+            return _kspace_data_consistency(x0, measured_kspace, weight).real.to(x0.dtype)
+        h, w = image_size
+        inner = _kspace_data_consistency(x0[..., :h, :w], measured_kspace, weight).real.to(x0.dtype)
+        return torch.nn.functional.pad(inner, (0, x0.shape[-1] - w, 0, x0.shape[-2] - h))
 
     def hook(x0: torch.Tensor) -> torch.Tensor:
         x0 = x0.clamp(low, high)
         if weight > 0:
-            x0 = _kspace_data_consistency(x0, measured_kspace, weight).real.to(x0.dtype)
+            x0 = consistent(x0)
         return x0 if mask is None else x0 * mask
 
     return hook
@@ -459,6 +471,13 @@ class _Context:
     features: list
     valid: torch.Tensor | None
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """The unpadded (H, W) read off the bottom/right zero padding of the valid mask (None: not padded)."""
+        if self.valid is None:
+            return None
+        return int(self.valid[0, 0, :, 0].sum()), int(self.valid[0, 0, 0, :].sum())
+
 
 def _encode_all(model, cond, scale, valid, chunk_size: int):
     """The SR encoder's x̂0 and features for every image, in chunks of at most chunk_size (memory bound)."""
@@ -480,7 +499,7 @@ def _run_chunk(model, opts: _Options, ctx: _Context, measured, weight, tau_d, ta
     else:
         x = randn_like(torch.empty_like(mask), generators) * mask
     denoiser = CountingDenoiser(model.denoiser(ctx.cond, ctx.x0_enc, ctx.scale, ctx.valid), model.schedule,
-                                mask=mask, x0_hook=ftddm_x0_hook(clip, mask, measured, weight))
+                                mask=mask, x0_hook=ftddm_x0_hook(clip, mask, measured, weight, ctx.image_size))
     x0 = sample_chain(denoiser, x, model.schedule, sampler=opts.sampler, t_start=opts.t_start, steps=opts.steps,
                       tau_d=tau_d, mask=mask, generator=generators, callback=callback)
     if denoiser.nfe != opts.nfe:

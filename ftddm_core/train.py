@@ -83,9 +83,13 @@ class TrainingStep(nn.Module):
         x0, cond, scale = batch["x0"], batch["cond"], batch["scale"]
         trained = trained_networks(m, o.stage)
         out = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "encoder" in trained):
-            out["encoder"], x0_enc, features = encoder_loss(m, x0, cond, scale)
-        total = out["encoder"] if "encoder" in trained else torch.zeros((), device=x0.device)
+        total = torch.zeros((), device=x0.device)
+        x0_enc, features = torch.zeros_like(x0), []
+        if "encoder" in trained or "flow" in trained or ("unet" in trained and m.unet_sees_estimate):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and "encoder" in trained):
+                out["encoder"], x0_enc, features = encoder_loss(m, x0, cond, scale)
+            if "encoder" in trained:
+                total = out["encoder"]
         # the flow and the ε-UNet learn on the encoder's current estimate, without moving it
         x0_enc, features = x0_enc.detach(), [f.detach() for f in features]
         if "unet" in trained:
