@@ -215,8 +215,7 @@ def map_panel(ax, image: np.ndarray, affine: np.ndarray, axis: int, *, window: t
     if mask is not None:
         keep, _ = radiological_view(np.asarray(mask, dtype=bool), affine, axis)
         view = np.ma.masked_array(view, mask=~keep)
-    colours = plt.get_cmap(cmap).copy()
-    colours.set_bad(OUTSIDE_MASK_GREY)
+    colours = plt.get_cmap(cmap).with_extremes(bad=OUTSIDE_MASK_GREY)
     im = ax.imshow(view, cmap=colours, vmin=window[0], vmax=window[1], interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
