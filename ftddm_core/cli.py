@@ -258,8 +258,18 @@ _INTERRUPT_NOTE = {"super-resolve": "no partial outputs were left",
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     received: list[int] = []
+    previous = (signal.getsignal(signal.SIGTERM), warnings.showwarning)
     _interrupt_on_sigterm(received)
     _one_line_warnings(args.command)
+    try:
+        return _run(args, received)
+    finally:  # main() is also called in-process (tests, scripts): leave the process as it was
+        warnings.showwarning = previous[1]
+        if threading.current_thread() is threading.main_thread() and previous[0] is not None:
+            signal.signal(signal.SIGTERM, previous[0])
+
+
+def _run(args, received: list) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
