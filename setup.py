@@ -30,7 +30,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # diffusers: reference schedulers; slicer-core: Slicer's real MRML libraries for the module's tests.
+        # Only `make test` installs these (`make demo` does not): diffusers = reference schedulers; slicer-core =
+        # Slicer's real MRML libraries (it brings vtk) for the module's tests.
         "test": ["pytest>=7", "diffusers>=0.30", "slicer-core==5.12.4.0"],
     },
     entry_points={"console_scripts": ["ftddm=ftddm_core.cli:main"]},

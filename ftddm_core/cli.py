@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -97,7 +101,7 @@ def cmd_super_resolve(args) -> int:
     progress = ProgressPrinter("super-resolve", args.progress_lines)
     report = run_super_resolve(args.lr, args.out, t1=args.t1, flair=args.flair, mask=args.mask,
                                model_path=args.model, options=opts, ratios=args.ratio,
-                               overwrite=args.overwrite, progress=progress)
+                               overwrite=args.overwrite, progress=progress, nan_policy=args.nan_policy)
     progress.close()
     for path in report["outputs"]:
         print(path)
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", type=Path, help="model .safetensors (default: the shipped model)")
     sp.add_argument("--ratio", action="append", default=[], help="ratio map, e.g. tCho/NAA (metabolite stems)")
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
+                    help="NaN/inf voxels in an input: refuse (default) or set them to 0 with a warning")
     _add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_super_resolve)
 
@@ -213,16 +219,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Python-API wording in error messages → the CLI flag that does the same (the API is shared with Slicer).
+_CLI_WORDING = (("pass force=True", "pass --force"), ("pass nan_policy='zero'", "pass --nan-policy zero"),
+                ("pass overwrite=True", "pass --overwrite"))
+
+
+def cli_message(text: str) -> str:
+    """An error or warning as a CLI user needs it: flags instead of keyword arguments."""
+    text = re.sub(r" \(Python: [^)]*\)", "", text)  # messages that already name the flag
+    for python, flag in _CLI_WORDING:
+        text = text.replace(python, flag)
+    return text
+
+
+def _interrupt_on_sigterm(received: list) -> None:
+    """SIGTERM (schedulers, Slicer's Cancel) takes the same way out as Ctrl-C: cleanup, one line, no traceback."""
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _one_line_warnings(command: str) -> None:
+    """Warnings as one 'ftddm <command>: warning: …' line each, not Python's file:line form."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"ftddm {command}: warning: {cli_message(str(message))}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
+#: What an interrupt leaves, per command (the demo reports its own cleanup).
+_INTERRUPT_NOTE = {"super-resolve": "no partial outputs were left",
+                   "train": "rerun with --resume to continue from the last checkpoint"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    received: list[int] = []
+    previous = (signal.getsignal(signal.SIGTERM), warnings.showwarning)
+    _interrupt_on_sigterm(received)
+    _one_line_warnings(args.command)
+    try:
+        return _run(args, received)
+    finally:  # main() is also called in-process (tests, scripts): leave the process as it was
+        warnings.showwarning = previous[1]
+        if threading.current_thread() is threading.main_thread() and previous[0] is not None:
+            signal.signal(signal.SIGTERM, previous[0])
+
+
+def _run(args, received: list) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"ftddm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ftddm {args.command}: error: {cli_message(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ftddm {args.command}: interrupted; no partial outputs were left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        sig = signal.SIGTERM if signal.SIGTERM in received else signal.SIGINT
+        detail = str(exc) if str(exc) and str(exc) not in ("SIGTERM", "SIGINT") else _INTERRUPT_NOTE.get(args.command)
+        print(f"ftddm {args.command}: interrupted ({sig.name})" + (f"; {detail}" if detail else ""),
+              file=sys.stderr)
+        return 128 + int(sig)
 
 
 if __name__ == "__main__":

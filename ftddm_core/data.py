@@ -60,17 +60,11 @@ def to_map_grid(patient: Patient) -> Patient:
 
 # ------------------------------------------------------------------------------------------- writing
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then os.replace: readers never see half a file."""
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write via a temporary file in the same folder, then os.replace: readers never see half a file; the file
+    gets the mode the umask gives a new one (atomic.atomic_write)."""
+    from .atomic import atomic_write  # local: keeps this module's import block untouched
+
+    atomic_write(path, write)
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, description: str = "") -> None:

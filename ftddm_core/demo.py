@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines, kspace, metrics, volume as vol
+from .atomic import atomic_write, atomic_write_text
 from .phantom import make_patient
 
 FIGURE_METABOLITES = ("NAA", "tCho")
@@ -30,10 +31,48 @@ def simulate_lr(hr: vol.Volume, lr_size: int, axis: int = 2) -> vol.Volume:
 
 def run_demo(out: str | Path, *, model_path=None, overwrite: bool = False, seed: int = 1234, samples: int = 4,
              lr_size: int = 16, progress=None) -> dict:
-    """Run the whole product on one unseen synthetic patient and report metrics against its ground truth."""
-    from .pipeline import SuperResolveOptions, run_super_resolve
+    """Run the whole product on one unseen synthetic patient and report metrics against its ground truth.
 
+    Interrupted (Ctrl-C, SIGTERM), it removes every file it had written in `out` and the folders it made, and
+    says so in the KeyboardInterrupt it re-raises.
+    """
     out = Path(out)
+    before = _files_under(out)
+    folders_before = {p for p in [out, out / "inputs"] if p.exists()}
+    try:
+        return _run_demo(out, model_path, overwrite, seed, samples, lr_size, progress)
+    except KeyboardInterrupt as exc:
+        removed, replaced = _remove_written(out, before, folders_before)
+        note = f"removed the {removed} files this demo had written in {out}"
+        if replaced:
+            note += f" ({replaced} had replaced files of an earlier run, which are gone)"
+        raise KeyboardInterrupt(note) from exc
+
+
+def _files_under(folder: Path) -> dict[Path, tuple[int, int]]:
+    """Every file below `folder` with (inode, mtime_ns): what was there before this run."""
+    if not folder.is_dir():
+        return {}
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def _remove_written(out: Path, before: dict, folders_before: set) -> tuple[int, int]:
+    """Delete the files that are new or changed since `before`, then the folders this run made if empty."""
+    removed = replaced = 0
+    for path, stamp in _files_under(out).items():
+        if before.get(path) != stamp:
+            path.unlink(missing_ok=True)
+            removed += 1
+            replaced += path in before
+    for folder in (out / "inputs", out):
+        if folder not in folders_before and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed, replaced
+
+
+def _run_demo(out: Path, model_path, overwrite: bool, seed: int, samples: int, lr_size: int, progress) -> dict:
+    from .pipeline import SuperResolveOptions, run_super_resolve, uncertainty_note
+
     t0 = time.perf_counter()
     patient = make_patient(seed, patient_id=f"demo-{seed}")
     inputs = out / "inputs"
@@ -56,11 +95,12 @@ def run_demo(out: str | Path, *, model_path=None, overwrite: bool = False, seed:
 
     table = evaluate_outputs(patient, out, lr_size)
     fig = out / "demo_figure.png"
-    plot_demo(patient, out, fig, lr_size)
+    plot_demo(patient, out, fig, lr_size, samples=samples)
     summary = {"patient": patient.patient_id, "lr_size": lr_size, "samples": samples,
+               "uncertainty": uncertainty_note(samples),
                "nfe_per_sample": report["nfe_per_sample"], "seconds": time.perf_counter() - t0,
                "sampling_seconds": report["timings"]["sample_s"], "metrics": table, "figure": str(fig)}
-    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "demo_metrics.json", json.dumps(summary, indent=2))
     print(format_table(table))
     print(f"\nNFE per sample {report['nfe_per_sample']}, {samples} samples, sampling "
           f"{report['timings']['sample_s']:.1f} s, total {summary['seconds']:.1f} s")
@@ -95,42 +135,51 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_demo(patient, out: Path, path: Path, lr_size: int) -> Path:
-    """Paper Fig. 3-style panel for the lesion slice: FLAIR, zero-filled, FTDDM, ground truth, |error|, uncertainty."""
-    import matplotlib
+def plot_demo(patient, out: Path, path: Path, lr_size: int, samples: int = 2) -> Path:
+    """Paper Fig. 3-style panel for the lesion slice: FLAIR, zero-filled, FTDDM, ground truth, |error|, uncertainty.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Radiological convention (patient-left on the viewer's right) with L/R markers, the slice position in mm,
+    voxels outside the quality mask in grey, one stated window per metabolite for the maps (0 … 99.5th
+    percentile of the ground truth in the mask) and half of it for error and uncertainty, colour bars in mM.
+    """
+    from .figures import _pyplot, map_panel, slice_position_mm
 
+    plt = _pyplot()
     z = int(np.argmax((patient.lesion > 0).sum(axis=(0, 1)))) if patient.lesion is not None else patient.shape[2] // 2
     flair = vol.resample_to_grid(vol.Volume(patient.flair, patient.mri_affine), patient.affine, patient.shape)
-    m = patient.quality_mask[:, :, z]
+    m = patient.quality_mask[:, :, z] > 0
     cols = ("FLAIR", f"zero-filled {lr_size}²", "FTDDM", "ground truth", "|FTDDM − GT|", "uncertainty (std)")
-    fig, axes = plt.subplots(len(FIGURE_METABOLITES), len(cols), figsize=(2.2 * len(cols), 2.4 * len(FIGURE_METABOLITES)))
-    show = lambda a: np.rot90(a)  # noqa: E731  (i → right, j → up, as radiological axial view of RAS data)
+    fig, axes = plt.subplots(len(FIGURE_METABOLITES), len(cols), figsize=(2.3 * len(cols), 2.6 * len(FIGURE_METABOLITES)),
+                             squeeze=False, constrained_layout=True)
     for r, name in enumerate(FIGURE_METABOLITES):
-        gt = patient.maps[name][:, :, z] * m
+        gt = patient.maps[name][:, :, z]
         sr = vol.load_volume(out / f"{name}_sr.nii.gz").data[:, :, z]
         zf = vol.load_volume(out / f"{name}_zerofilled.nii.gz").data[:, :, z]
-        unc = vol.load_volume(out / f"{name}_uncertainty.nii.gz").data[:, :, z]
-        vmax = float(np.percentile(gt[m], 99.5)) if m.any() else float(gt.max())
-        images = (flair[:, :, z], zf * m, sr, gt, np.abs(sr - gt), unc)
-        for c, (title, img) in enumerate(zip(cols, images)):
+        unc = vol.load_volume(out / f"{name}_uncertainty.nii.gz", allow_all_zero=True).data[:, :, z]
+        vmax = float(np.percentile(gt[m], 99.5)) if m.any() else float(gt.max()) or 1.0
+        panels = (("map", flair[:, :, z], None), ("map", zf, m), ("map", sr, m), ("map", gt, m),
+                  ("error", np.abs(sr - gt), m), ("error", unc, m))
+        images = {}
+        for c, (role, img, mask) in enumerate(panels):
             ax = axes[r, c]
             if c == 0:
-                ax.imshow(show(img), cmap="gray")
-            elif c < 4:
-                ax.imshow(show(img), cmap="jet", vmin=0, vmax=vmax)
+                window, cmap = (float(np.percentile(img, 0.5)), float(np.percentile(img, 99.5))), "gray"
             else:
-                ax.imshow(show(img), cmap="magma", vmin=0, vmax=0.5 * vmax)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        axes[r, 0].set_ylabel(f"{name} (mM)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+                window, cmap = ((0.0, vmax), "jet") if role == "map" else ((0.0, 0.5 * vmax), "magma")
+            images[role if c else "mri"] = map_panel(ax, img, patient.affine, 2, window=window, cmap=cmap,
+                                                     title=cols[c] if r == 0 else "", mask=mask)
+            if c == 5 and samples < 2:
+                ax.text(0.5, 0.5, "undefined\n(1 sample)", transform=ax.transAxes, ha="center", va="center",
+                        color="w", fontsize=8)
+        fig.colorbar(images["map"], ax=list(axes[r, 1:4]), fraction=0.025, pad=0.01).set_label(
+            f"{name} (mM), window 0 – {vmax:.2f}", fontsize=7)
+        fig.colorbar(images["error"], ax=list(axes[r, 4:6]), fraction=0.05, pad=0.01).set_label(
+            f"mM, window 0 – {0.5 * vmax:.2f}", fontsize=7)
+        axes[r, 0].set_ylabel(f"{name}\n{slice_position_mm(patient.affine, patient.shape, 2, z)}", fontsize=8)
+    fig.suptitle(f"radiological view (patient-left on the right), slice {z} at "
+                 f"{slice_position_mm(patient.affine, patient.shape, 2, z)}; grey: "
+                 "outside the quality mask", fontsize=8)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

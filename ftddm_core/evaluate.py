@@ -640,6 +640,9 @@ def write_cache(path: Path, key: str, result: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez_compressed(fh, mean=result["mean"], std=result["std"], meta=np.array(json.dumps(meta)))
+        from .atomic import default_file_mode  # mkstemp makes 0600; give the umask's mode like any new file
+
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

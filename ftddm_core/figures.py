@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -19,16 +21,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 100) -> Path:
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _by_scale(rows: Sequence[dict], key: str = "scale") -> dict[float, list[dict]]:
@@ -138,19 +137,97 @@ def calibration_plot(rows: Sequence[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def panels(columns: Sequence[tuple[str, np.ndarray, str]], path: Path, title: str = "") -> Path:
-    """One row of images: (title, image, role) with role 'map' (0 … GT max, jet) or 'error' (magma, half range)."""
+def panels(columns: Sequence[tuple[str, np.ndarray, str]], path: Path, title: str = "",
+           affine: np.ndarray | None = None, units: str = "input units") -> Path:
+    """One row of images: (title, image, role) with role 'map' (0 … GT max, jet) or 'error' (magma, half range).
+
+    Images are (i, j) slices of a grid with voxel → RAS `affine` (default: i → patient-right, j → anterior, as
+    the phantom's map grid), shown in radiological convention with L/R markers and one colour bar per window.
+    """
     plt = _pyplot()
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     vmax = float(np.max(columns[0][1])) or 1.0  # the first column is the ground truth
-    fig, axes = plt.subplots(1, len(columns), figsize=(1.9 * len(columns), 2.4), squeeze=False)
+    windows = {"map": (0.0, vmax, "jet"), "error": (0.0, 0.5 * vmax, "magma")}
+    fig, axes = plt.subplots(1, len(columns), figsize=(1.9 * len(columns), 2.6), squeeze=False)
     for ax, (name, img, role) in zip(axes[0], columns):
-        if role == "map":
-            ax.imshow(np.rot90(img), cmap="jet", vmin=0, vmax=vmax)
-        else:
-            ax.imshow(np.rot90(img), cmap="magma", vmin=0, vmax=0.5 * vmax)
-        ax.set_title(name, fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        lo, hi, cmap = windows["map" if role == "map" else "error"]
+        im = map_panel(ax, img, affine, 2, window=(lo, hi), cmap=cmap, title=name)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(units, fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------- radiological slice display
+def _axis_letters(direction: np.ndarray) -> tuple[str, str]:
+    """(letter at the low-index end, letter at the high-index end) of a RAS direction, e.g. ("R", "L")."""
+    k = int(np.argmax(np.abs(direction)))  # RAS+: +x right, +y anterior, +z superior
+    plus, minus = [("R", "L"), ("A", "P"), ("S", "I")][k]
+    return (minus, plus) if direction[k] > 0 else (plus, minus)
+
+
+def radiological_view(image: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndarray, dict]:
+    """An (a, b) slice of the in-plane axes of `axis` as imshow rows × columns in radiological convention.
+
+    Columns run along the in-plane axis closest to left–right, ordered so that patient-left is on the viewer's
+    right; rows run along the other axis with anterior (axial) or superior (coronal/sagittal) at the top.
+    Returns the array and the letters at its edges {"left", "right", "top", "bottom"}.
+    """
+    from .volume import inplane_axes
+
+    direction = np.asarray(affine, dtype=np.float64)[:3, :3]
+    direction = direction / np.linalg.norm(direction, axis=0)
+    a, b = inplane_axes(axis)
+    img = np.asarray(image)
+    dirs = [direction[:, a], direction[:, b]]
+    col = 0 if abs(dirs[0][0]) >= abs(dirs[1][0]) else 1  # the axis closest to x (left–right)
+    row = 1 - col
+    img = img if col == 1 else img.T  # now rows = `row` axis, columns = `col` axis
+    if dirs[col][0] > 0:  # index grows to patient-right: flip so patient-left is on the right
+        img = img[:, ::-1]
+    vertical = dirs[row].copy()
+    vertical[0] = 0.0  # the row axis's up direction: anterior or superior, whichever it is closer to
+    up = 1 + int(np.argmax(np.abs(vertical[1:])))
+    if vertical[up] > 0:  # index grows anteriorly/superiorly: flip so that end is at the top
+        img = img[::-1, :]
+    col_dir = dirs[col] if dirs[col][0] <= 0 else -dirs[col]
+    row_dir = -dirs[row] if vertical[up] > 0 else dirs[row]
+    (left, right), (top, bottom) = _axis_letters(col_dir), _axis_letters(row_dir)
+    return np.ascontiguousarray(img), {"left": left, "right": right, "top": top, "bottom": bottom}
+
+
+def slice_position_mm(affine: np.ndarray, shape, axis: int, index: int) -> str:
+    """Where a slice lies, e.g. "S 12.3 mm": the RAS coordinate of its centre along its normal's main axis."""
+    centre = (np.asarray(shape[:3], dtype=np.float64) - 1) / 2
+    centre[axis] = index
+    xyz = np.asarray(affine, dtype=np.float64)[:3, :3] @ centre + np.asarray(affine, dtype=np.float64)[:3, 3]
+    normal = np.asarray(affine, dtype=np.float64)[:3, axis]
+    k = int(np.argmax(np.abs(normal)))
+    return f"{'RAS'[k]} {xyz[k]:+.1f} mm"
+
+
+def map_panel(ax, image: np.ndarray, affine: np.ndarray, axis: int, *, window: tuple[float, float], cmap: str,
+              title: str = "", mask: np.ndarray | None = None, markers: bool = True):
+    """Draw one slice radiologically in a fixed window; voxels outside `mask` in grey (not as 0). Returns the
+    AxesImage (for a colour bar)."""
+    plt = _pyplot()
+    view, letters = radiological_view(image, affine, axis)
+    if mask is not None:
+        keep, _ = radiological_view(np.asarray(mask, dtype=bool), affine, axis)
+        view = np.ma.masked_array(view, mask=~keep)
+    colours = plt.get_cmap(cmap).with_extremes(bad=OUTSIDE_MASK_GREY)
+    im = ax.imshow(view, cmap=colours, vmin=window[0], vmax=window[1], interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    if markers:
+        style = dict(transform=ax.transAxes, color="w", fontsize=7, fontweight="bold", va="center")
+        ax.text(0.03, 0.5, letters["left"], ha="left", **style)
+        ax.text(0.97, 0.5, letters["right"], ha="right", **style)
+        ax.text(0.5, 0.96, letters["top"], ha="center", **{**style, "va": "top"})
+    return im
+
+
+#: Colour of voxels outside the quality mask: no data, which must not look like a concentration of 0.
+OUTSIDE_MASK_GREY = "0.72"

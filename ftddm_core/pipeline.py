@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 from . import kspace, prep, volume as vol
+from .atomic import atomic_write_text, deferred_interrupts
 from .device import autocast, generator as make_generator, resolve_device
 from .sampling import SAMPLERS
 
@@ -112,6 +117,36 @@ def _lr_stack(lr) -> tuple[vol.Volume, list[str]]:
     return vol.stack_channels(volumes), [v.name for v in volumes]
 
 
+#: A map is refused as signed when its negative voxels carry more than this share of its total |value|: the
+#: model is trained on non-negative concentrations, while a few negative voxels (fit noise) are harmless.
+SIGNED_SHARE_LIMIT = 0.25
+
+
+def negative_share(data: np.ndarray) -> float:
+    """Σ|negative values| / Σ|values| of a map (0 for an all-zero map)."""
+    data = np.real(np.asarray(data, dtype=np.complex128 if np.iscomplexobj(data) else np.float64))
+    total = float(np.abs(data).sum())
+    return float(-data[data < 0].sum()) / total if total > 0 else 0.0
+
+
+def check_not_signed(lr_vol: vol.Volume, names: Sequence[str]) -> None:
+    """Refuse a map that is mostly negative (a difference or z-score map): the model cannot super-resolve it."""
+    data = lr_vol.data if lr_vol.data.ndim == 4 else lr_vol.data[..., None]
+    for c, name in enumerate(names):
+        share = negative_share(data[..., c])
+        if share > SIGNED_SHARE_LIMIT:
+            raise ValueError(f"{name}: negative voxels carry {100 * share:.0f}% of the map's signal (limit "
+                             f"{100 * SIGNED_SHARE_LIMIT:.0f}%); FTDDM is trained on non-negative concentration "
+                             "maps and cannot super-resolve a signed (difference or z-score) map — super-resolve "
+                             "the maps it is computed from, then subtract")
+
+
+def zero_filled_in_input_units(lr_slices: np.ndarray, size: int) -> np.ndarray:
+    """The zero-filled LR maps (…, size, size) with the input's sign and units: the real part of the centred
+    k-space zero-fill (the band-limited interpolant of a real map is real), not its magnitude."""
+    return np.real(kspace.zero_fill(lr_slices, size)).astype(np.float32)
+
+
 def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperResolveOptions | None = None,
                   progress: Progress | None = None, **overrides) -> SuperResolution:
     """Super-resolve LR metabolite volume(s) with FTDDM; T1/FLAIR/mask in any geometry (resampled physically).
@@ -127,6 +162,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
         opts = SuperResolveOptions(**{**asdict(opts), **overrides})
     t_start = time.perf_counter()
     lr_vol, names = _lr_stack(lr)
+    check_not_signed(lr_vol, names)
     if t1 is None or flair is None:
         raise ValueError("FTDDM is conditioned on the patient's T1 and FLAIR: pass both (t1=…, flair=…)")
     t1_vol, flair_vol = as_volume(t1, "t1"), as_volume(flair, "flair")
@@ -156,7 +192,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     # --- model space: one derivation shared with training (prep.model_inputs) -------------------------
     lr_slices = vol.to_slices(lr_vol.data, axis)  # (C, N, m1, m2)
     n_chan, n_slices = lr_slices.shape[:2]
-    lr_zf_all = np.abs(kspace.zero_fill(lr_slices, size)).astype(np.float32)
+    lr_zf_all = zero_filled_in_input_units(lr_slices, size)
     if user_mask is not None:
         mask_slices = vol.to_slices(user_mask, axis)
     else:  # automatic: brain from T1 ∧ MRSI support of any metabolite
@@ -243,8 +279,13 @@ def _split(volume: vol.Volume, c: int) -> vol.Volume:
 
 def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1, flair, mask=None,
                       model_path=None, options: SuperResolveOptions | None = None, ratios: Sequence[str] = (),
-                      overwrite: bool = False, progress: Progress | None = None) -> dict:
-    """`ftddm super-resolve`: load files, super-resolve as one batch, write NIfTIs + <stem>_run.json atomically."""
+                      overwrite: bool = False, progress: Progress | None = None, nan_policy: str = "raise") -> dict:
+    """`ftddm super-resolve`: load files, super-resolve as one batch, write NIfTIs + <stem>_run.json atomically.
+
+    Everything a user can get wrong is checked before the model is loaded: the output folder (a folder,
+    writable, no output already there unless overwrite), the inputs (readable, finite under `nan_policy`,
+    not a signed map), the mask's coverage of the MRSI field of view.
+    """
     from .model import DEFAULT_MODEL, file_sha256, load_model
 
     opts = options or SuperResolveOptions()
@@ -254,21 +295,24 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
         raise ValueError(f"LR inputs must have distinct file names, got {stems}")
     if t1 is None or flair is None:
         raise ValueError("--t1 and --flair are required: FTDDM is conditioned on the patient's T1 and FLAIR")
-    planned = [out_dir / f"{s}_{kind}.nii.gz" for s in stems for kind in ("sr", "zerofilled", "uncertainty")]
-    planned += [out_dir / f"{s}_run.json" for s in stems]
     ratio_pairs = [_parse_ratio(r, stems) for r in ratios]
-    planned += [out_dir / f"{a}_over_{b}_sr.nii.gz" for a, b in ratio_pairs]
-    existing = [p for p in planned if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (and {len(existing) - 1} more); "
-                              "pass --overwrite to replace outputs")
-    inputs = [vol.load_volume(p) for p in lr_paths]
+    planned = [f"{s}_{kind}.nii.gz" for s in stems for kind in ("sr", "zerofilled", "uncertainty")]
+    planned += [f"{a}_over_{b}_sr.nii.gz" for a, b in ratio_pairs] + [f"{s}_run.json" for s in stems]
+    check_output_folder(out_dir, planned, overwrite)
+    inputs = [vol.load_volume(p, nan_policy=nan_policy) for p in lr_paths]
     if any(v.data.ndim != 3 for v in inputs) and len(inputs) > 1:
         raise ValueError("several --lr inputs must each be a 3D map (one metabolite per file)")
+    for v in inputs:
+        check_not_signed(v, [v.name] if v.data.ndim == 3 else [f"{v.name}[{c}]" for c in range(v.n_channels)])
+    t1_vol, flair_vol = (vol.load_volume(p, nan_policy=nan_policy) for p in (t1, flair))
+    mask_vol = None
+    if mask is not None:
+        mask_vol = vol.load_volume(mask, nan_policy=nan_policy, allow_all_zero=True)
+        check_mask_coverage(mask_vol, inputs[0])
     model_file = Path(model_path) if model_path else DEFAULT_MODEL
     model = load_model(model_file, device=opts.device)
-    result = super_resolve(inputs if len(inputs) > 1 else inputs[0], vol.load_volume(t1), vol.load_volume(flair),
-                           mask, model=model, options=opts, progress=progress)
+    result = super_resolve(inputs if len(inputs) > 1 else inputs[0], t1_vol, flair_vol, mask_vol, model=model,
+                           options=opts, progress=progress)
     single_4d = len(inputs) == 1 and inputs[0].data.ndim == 4
     files: dict[str, vol.Volume] = {}
     by_stem = {}
@@ -289,32 +333,106 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
         "options": result.options, "nfe_per_sample": result.nfe, "network_calls": result.network_calls,
         "timings": result.timings, "grid": {"affine": result.grid.affine.tolist(), "shape": list(result.grid.shape),
                                             "factor": result.grid.factor, "lr_matrix": result.grid.lr_matrix},
+        "uncertainty": uncertainty_note(opts.samples),
         "outputs": [str(out_dir / name) for name in files] + [str(out_dir / f"{s}_run.json") for s in stems],
     }
+    if opts.samples < 2:
+        warnings.warn(report["uncertainty"], stacklevel=2)
     _write_outputs(out_dir, files, {f"{s}_run.json": json.dumps(report, indent=2) for s in stems}, overwrite)
     return report
 
 
-def _write_outputs(out_dir: Path, volumes: dict, texts: dict, overwrite: bool) -> None:
-    """Write every output into a hidden staging folder, then move them in: an interrupted run leaves none."""
-    import os
-    import shutil
-    import tempfile
+def uncertainty_note(samples: int) -> str:
+    """What <stem>_uncertainty.nii.gz holds (recorded in run.json; a warning when it is undefined)."""
+    if samples < 2:
+        return ("undefined with --samples 1: <stem>_uncertainty.nii.gz holds zeros (the standard deviation of one "
+                "sample); use --samples 2 or more for an uncertainty map")
+    return f"per-voxel standard deviation of {samples} samples, in the input's units"
 
+
+#: Below this share of the MRSI grid's voxels kept by the user's mask a warning is printed.
+MASK_KEEP_WARNING = 0.10
+#: The mask's field of view must cover this share of the MRSI field of view, as the T1 and FLAIR must.
+MASK_MIN_OVERLAP = 0.5
+
+
+def check_mask_coverage(mask: vol.Volume, lr: vol.Volume) -> float:
+    """Refuse a mask that covers < 50 % of the MRSI field of view (other coordinates, like the T1 rule), refuse
+    an empty one, warn when it keeps < 10 % of the MRSI voxels; returns the share kept."""
+    vol.check_overlap(mask, lr.affine, lr.shape, MASK_MIN_OVERLAP, lr.name)
+    kept = vol.resample_mask(mask, lr.affine, lr.shape)
+    n, total = int(kept.sum()), int(kept.size)
+    if n == 0:
+        raise ValueError(f"{mask.name}: the quality mask keeps no voxel of the MRSI grid of {lr.name} "
+                         "(nothing to super-resolve); is it the mask of this exam?")
+    if n < MASK_KEEP_WARNING * total:
+        warnings.warn(f"{mask.name}: the quality mask keeps only {n} of {total} voxels ({100 * n / total:.1f}%) "
+                      f"of the MRSI grid of {lr.name}; the SR map is 0 outside it — check that it is this exam's "
+                      "mask", stacklevel=2)
+    return n / total
+
+
+def check_output_folder(out_dir: Path, names: Sequence[str], overwrite: bool) -> None:
+    """Before any compute: `out_dir` is (or can be made as) a writable folder and holds none of `names`
+    (unless overwrite, and never as a folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir}: a file of that name exists; expected a folder for the outputs")
+    anchor = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    if not anchor.is_dir():
+        raise ValueError(f"--out {out_dir}: {anchor} is a file, so the output folder cannot be created there")
+    try:  # a real probe: os.access says yes to root and knows nothing of read-only mounts
+        with tempfile.TemporaryFile(dir=anchor):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: cannot write in {anchor} ({err.strerror}); choose a writable folder") \
+            from err
+    folders = [out_dir / n for n in names if (out_dir / n).is_dir()]
+    if folders:
+        raise FileExistsError(f"--out {out_dir}: {folders[0]} is a folder where an output file goes; move it away")
+    existing = [out_dir / n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (and {len(existing) - 1} more); "
+                              "pass --overwrite to replace outputs")
+
+
+def _write_outputs(out_dir: Path, volumes: dict, texts: dict, overwrite: bool) -> None:
+    """Write every output into a hidden staging folder, then move them all in: an interruption or error at any
+    point leaves either all the new outputs or none (earlier outputs are put back)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".ftddm-partial-", dir=out_dir))
+    names = [*volumes, *texts]
     try:
         for name, volume in volumes.items():
             vol.save_volume(volume, stage / name)
         for name, text in texts.items():
-            (stage / name).write_text(text)
-        for name in [*volumes, *texts]:
+            atomic_write_text(stage / name, text)
+        for name in names:
             if (out_dir / name).exists() and not overwrite:
                 raise FileExistsError(f"{out_dir / name} appeared while running; pass --overwrite to replace it")
-        for name in [*volumes, *texts]:
-            os.replace(stage / name, out_dir / name)
+        with deferred_interrupts():  # a signal during the renames is handled right after them
+            _publish(stage, out_dir, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(stage: Path, out_dir: Path, names: Sequence[str]) -> None:
+    """Move stage/<name> → out_dir/<name> for every name, all or none: on failure undo the moves done so far."""
+    backup = stage / ".replaced"
+    backup.mkdir()
+    moved, replaced = [], []
+    try:
+        for name in names:
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, backup / name)
+                replaced.append(name)
+            os.replace(stage / name, out_dir / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            (out_dir / name).unlink(missing_ok=True)
+        for name in replaced:
+            os.replace(backup / name, out_dir / name)
+        raise
 
 
 def _parse_ratio(text: str, stems: Sequence[str]) -> tuple[str, str]:

@@ -34,9 +34,8 @@ unequal-FOV matrices and F = 2, 2.5, 3, 4.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import kspace, prep
+from .atomic import atomic_write
 
 #: RAS ↔ LPS: negate x and y.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -216,24 +216,42 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's own WARNING lines (e.g. "No Series were found" for a folder) while we read: the error we
+    raise says what is wrong, in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_with_sitk(path: Path) -> sitk.Image:
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise ValueError("no DICOM series in the folder")
-            if len(series) > 1:
-                raise ValueError(f"{len(series)} DICOM series in the folder ({', '.join(series)}); "
-                                 "put one series per folder")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+        with _quiet_itk():
+            return _read_series_or_file(path)
     except (RuntimeError, ValueError) as err:
         reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), type(err).__name__)
         raise ValueError(f"{path}: not a readable image ({reason}); "
                          "expected NIfTI (.nii/.nii.gz), a format SimpleITK reads (.nrrd, .mha, .mhd, …) "
                          "or a DICOM series folder") from err
+
+
+def _read_series_or_file(path: Path) -> sitk.Image:
+    """A DICOM series folder (exactly one series) or an image file, with SimpleITK."""
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise ValueError("no DICOM series in the folder")
+        if len(series) > 1:
+            raise ValueError(f"{len(series)} DICOM series in the folder ({', '.join(series)}); "
+                             "put one series per folder")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
 
 
 def _squeeze_extra_axes(data: np.ndarray) -> np.ndarray:
@@ -250,7 +268,8 @@ def _check_values(data: np.ndarray, name: str, nan_policy: str, allow_all_zero: 
     if n_bad:
         msg = f"{name}: {n_bad} of {data.size} voxels are NaN or inf"
         if nan_policy == "raise":
-            raise ValueError(msg + "; fix the file or pass nan_policy='zero' to set them to 0")
+            raise ValueError(msg + "; fix the file, or pass --nan-policy zero (Python: nan_policy='zero') "
+                             "to set them to 0")
         warnings.warn(msg + "; they were set to 0", stacklevel=3)
         data = np.where(bad, 0, data).astype(data.dtype)
     if not allow_all_zero and not np.any(data):
@@ -294,8 +313,8 @@ def load_volume(path, *, nan_policy: str = "raise", allow_all_zero: bool = False
 def save_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
     """Write a NIfTI (.nii/.nii.gz) atomically: float32 data unchanged (input units), sform/qform = affine, mm.
 
-    The file appears complete or not at all (temporary file in the same folder + os.replace; the temporary is
-    removed on any exception, KeyboardInterrupt included). An existing file is refused unless overwrite=True.
+    The file appears complete or not at all, with the mode the umask gives a new file (atomic.atomic_write).
+    An existing file is refused unless overwrite=True.
     """
     path = Path(path)
     if not _is_nifti(path):
@@ -303,7 +322,7 @@ def save_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
     if np.iscomplexobj(volume.data):
         raise ValueError(f"{path}: complex data cannot be saved; take the magnitude (np.abs) first")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} already exists; pass --overwrite (Python: overwrite=True) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine)
     img.set_sform(volume.affine, code=1)
@@ -311,17 +330,7 @@ def save_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
     rot = volume.direction
     img.set_qform(volume.affine, code=1 if np.allclose(rot.T @ rot, np.eye(3), atol=1e-6) else 0)
     img.header.set_xyzt_units(xyz="mm", t="sec")
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + suffix, dir=path.parent)
-        os.close(fd)
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written file behind
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
     return path
 
 
@@ -767,11 +776,27 @@ def check_same_grid(volumes) -> None:
     if not volumes:
         raise ValueError("expected at least one volume")
     ref = volumes[0]
-    differ = [v for v in volumes[1:] if not same_grid(ref, v)]
+    differ = [(v, grid_differences(ref, v)) for v in volumes[1:] if not same_grid(ref, v)]
     if differ:
-        names = ", ".join(f"{v.name} (matrix {v.shape})" for v in differ)
-        raise ValueError(f"metabolite volumes must share one grid: {names} differ from {ref.name} "
-                         f"(matrix {ref.shape}); resample them to one MRSI grid first")
+        what = ", ".join(f"{v.name} ({'; '.join(d)})" for v, d in differ)
+        raise ValueError(f"metabolite volumes must share one grid: {what} differ from {ref.name}; "
+                         "resample them to one MRSI grid first")
+
+
+def grid_differences(a: Volume, b: Volume) -> list[str]:
+    """What differs in b's grid from a's, in words with both values: matrix, spacing, origin, direction."""
+    tol = GRID_RTOL * float(min(a.spacing.min(), b.spacing.min()))
+    fmt = lambda x: "(" + ", ".join(f"{v:.4g}" for v in np.ravel(x)) + ")"  # noqa: E731
+    out = []
+    if a.shape != b.shape:
+        out.append(f"matrix {b.shape} vs {a.shape}")
+    if not np.allclose(a.spacing, b.spacing, rtol=0, atol=tol):
+        out.append(f"spacing {fmt(b.spacing)} vs {fmt(a.spacing)} mm")
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=tol):
+        out.append(f"origin {fmt(b.origin)} vs {fmt(a.origin)} mm (RAS)")
+    if not np.allclose(a.direction, b.direction, rtol=0, atol=GRID_RTOL):
+        out.append("direction (axes orientation)")
+    return out or ["affine"]
 
 
 def stack_channels(volumes) -> Volume:
