@@ -332,7 +332,9 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
         "model": {"path": str(model_file), "sha256": file_sha256(model_file), "config": model.config.name},
         "options": result.options, "nfe_per_sample": result.nfe, "network_calls": result.network_calls,
         "timings": result.timings, "grid": {"affine": result.grid.affine.tolist(), "shape": list(result.grid.shape),
-                                            "factor": result.grid.factor, "lr_matrix": result.grid.lr_matrix},
+                                            "factor": result.grid.factor, "requested_factor":
+                                                result.grid.requested_factor, "inplane": list(result.grid.inplane),
+                                            "lr_inplane": list(result.grid.lr_inplane)},
         "uncertainty": uncertainty_note(opts.samples),
         "outputs": [str(out_dir / name) for name in files] + [str(out_dir / f"{s}_run.json") for s in stems],
     }

@@ -419,9 +419,17 @@ def lr_matrix_range(model_size: int = 64, scale_range: tuple[float, float] = (2.
     return math.ceil(model_size / s_max - 1e-9), math.floor(model_size / s_min + 1e-9)
 
 
-def check_lr_matrix(m: int, model_size: int = 64, scale_range=(2.0, 8.0), *, force: bool = False) -> float:
-    """Default factor (no --factor) of a square m×m matrix: s = model_size/m; ValueError naming --factor when
-    outside the trained range (unless force) or when m > model_size."""
+def check_lr_matrix(m: int, model_size: int = 64, scale_range=(2.0, 8.0), *, force: bool = False,
+                    name: str | None = None) -> float:
+    """Default factor (no --factor) of a square m×m matrix: s = model_size/m; ValueError naming the file and
+    --factor when outside the trained range (unless force) or when m > model_size."""
+    try:
+        return _default_factor(m, model_size, scale_range, force)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}" if name else str(err)) from None
+
+
+def _default_factor(m: int, model_size: int, scale_range, force: bool) -> float:
     lo_s, hi_s = scale_range
     example = f"--factor {lo_s:g} gives {refined_size(m, lo_s)}×{refined_size(m, lo_s)}"
     if m > model_size or m < 1:
@@ -508,7 +516,7 @@ def target_grid(lr: Volume, axis: int, model_size: int = 64, *, factor: float = 
                              f"{model_size}×{model_size} output; pass --factor F (F = {lo:g} … {scale_range[1]:g}, "
                              f"each axis m → round(F·m); e.g. --factor {lo:g} gives "
                              f"{refined_size(m1, lo)}×{refined_size(m2, lo)})")
-        requested = check_lr_matrix(m1, model_size, scale_range, force=force)
+        requested = check_lr_matrix(m1, model_size, scale_range, force=force, name=lr.name)
         inplane = (model_size, model_size)
     affine, shape = _refine_axes(lr.affine, lr.shape, dict(zip(axes, inplane)))
     return ModelGrid(affine, shape, realised_factor(lr_inplane, inplane), axis, lr_inplane, inplane, requested)
