@@ -299,7 +299,7 @@ def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSche
     if sampler == "ancestral":
         return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
                                 generator=generator, callback=callback)
-    if sampler not in SAMPLERS:
+    if sampler not in ("ddpm", *DPM_SOLVERS):
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     t_start = _check_index("t_start", t_start, schedule, low=1)
     timesteps = chain_timesteps(schedule, t_start, steps, spacing)
