@@ -24,7 +24,7 @@ import torch
 
 from . import __version__, baselines, kspace, metrics
 from .sampling import CountingDenoiser, RunningMoments, SampleResult, chain_nfe, ftddm_x0_hook, randn_like, \
-    sample_chain
+    noise_start_index, sample_chain
 
 Progress = Callable[[int, int, str], None]
 
@@ -445,7 +445,7 @@ def resolve_spec(spec: RunSpec, models: dict[str, LoadedModel]) -> tuple[RunSpec
             return spec, (f"starts from pure noise at index {lm.last_index}, but {lm.path.name}'s UNet was trained on "
                           f"t ∈ [0, {lm.t_trunc}] only; pass a model trained with `ftddm train --t-trunc "
                           f"{lm.last_index}` as --ddpm-model")
-        spec = replace(spec, t_start=lm.last_index)
+        spec = replace(spec, t_start=noise_start_index(lm.model.schedule, spec.sampler))  # DPM-Solver++: λ clip
         if spec.sampler == "ancestral":
             spec = replace(spec, label=f"{spec.label} (T = {lm.last_index + 1})")
     else:

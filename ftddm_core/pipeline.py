@@ -23,6 +23,7 @@ from . import kspace, prep, volume as vol
 from .atomic import atomic_write_text, deferred_interrupts
 from .device import autocast, generator as make_generator, resolve_device
 from .sampling import SAMPLERS
+from .schedule import SPACINGS
 
 Progress = Callable[[int, int, str], None]
 
@@ -33,10 +34,11 @@ class SuperResolveOptions:
 
     factor: float = 0.0  # in-plane upscaling F: each in-plane axis m → round(F·m); 0 = auto (square m → 64, F = 64/m)
     scale: float = 0.0  # conditioned upscaling factor s; 0 = the grid's (F, or √(n1/m1 · n2/m2) after rounding)
-    tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm samplers): lower = smoother, higher PSNR
+    tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm/dpmpp-sde): lower = smoother, higher PSNR
     tau_f: float = 0.9  # flow temperature of the start point x_Ttrunc
-    sampler: str = "dpmpp"  # dpmpp (fast default) | ancestral (paper Algorithm 1) | ddpm (respaced)
-    steps: int = 10  # solver steps for dpmpp / ddpm
+    sampler: str = "dpmpp"  # dpmpp (fast default) | dpmpp-sde (stochastic) | ancestral (paper Algorithm 1) | ddpm
+    steps: int = 10  # solver steps for dpmpp / dpmpp-sde / ddpm
+    spacing: str = "uniform"  # solver steps uniform in index | logsnr (uniform in λ = log α/σ)
     samples: int = 8  # samples per map: mean = SR, standard deviation = uncertainty
     data_consistency: float = 0.0  # λ in [0, 1]: blend the measured central k-space into every step
     seed: int = 0
@@ -49,6 +51,8 @@ class SuperResolveOptions:
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be ≥ 1, got {self.samples}")
         if not 0.0 <= self.data_consistency <= 1.0:
@@ -218,7 +222,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     nfe, calls = 0, 0
     if len(active):
         gen = make_generator(device, opts.seed)
-        kw = dict(sampler=opts.sampler, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+        kw = dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d, tau_f=opts.tau_f,
                   n_samples=opts.samples, generator=gen, max_batch=opts.max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:

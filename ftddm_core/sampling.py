@@ -24,11 +24,13 @@ import torch
 
 from .config import COND_CHANNELS
 from .kspace import data_consistency as _kspace_data_consistency
-from .schedule import DiffusionSchedule, respace, space_timesteps
+from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipped_start, respace, space_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-SAMPLERS = ("ancestral", "ddpm", "dpmpp", "regression")  # "regression": the encoder's one-pass preview
+# "regression": the SR encoder's one-pass preview (no chain)
+SAMPLERS = ("ancestral", "ddpm", "dpmpp", "dpmpp-sde", "regression")
+DPM_SOLVERS = ("dpmpp", "dpmpp-sde")
 STARTS = ("flow", "noise")
 
 
@@ -168,11 +170,23 @@ def sample_respaced(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
                     callback=None) -> torch.Tensor:
     """Ancestral sampling on the respaced chain space_timesteps(t_start, steps) (Nichol & Dhariwal §4), NFE steps+1."""
     t_start = _check_index("t_start", t_start, schedule, low=1)
-    spaced, timestep_map = respace(schedule, space_timesteps(t_start, steps))
+    return _respaced(denoiser, x, schedule, space_timesteps(t_start, steps), tau_d, mask, generator, callback)
+
+
+def _respaced(denoiser, x, schedule, timesteps, tau_d, mask, generator, callback):
+    spaced, timestep_map = respace(schedule, timesteps)
     return _ancestral(denoiser, x, spaced, spaced.num_timesteps - 1, timestep_map, tau_d, mask, generator, callback)
 
 
-# --- DPM-Solver++(2M) -----------------------------------------------------------------------------------
+# --- DPM-Solver++(2M), deterministic and stochastic -----------------------------------------------------
+# diffusers' `lambda_min_clipped` value for the cosine ("squaredcos_cap_v2") schedule: a noise chain starts at
+# the largest index with λ ≥ −5.1 (index 995 of cosine(1000)), not at T − 1 where σ/α ≈ 2·10⁴.
+LAMBDA_MIN_CLIPPED = -5.1
+# Steps with σ/α above this (noise dominates the signal, λ < 0) run the denoiser in float32 even under bf16
+# autocast: x̂0 = x/α − (σ/α)·ε̂ multiplies the rounding of ε̂ (bf16 unit roundoff 2⁻⁸) by σ/α.
+FP32_SIGMA_OVER_ALPHA = 1.0
+
+
 def _check_timesteps(timesteps, schedule: DiffusionSchedule) -> list[int]:
     ts = [int(t) for t in timesteps]
     top = schedule.num_timesteps - 1
@@ -183,16 +197,16 @@ def _check_timesteps(timesteps, schedule: DiffusionSchedule) -> list[int]:
     return ts
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, timesteps: Sequence[int], *,
-                    mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2) over decreasing indices, then x̂0 at the last.
+def _denoise(denoiser: EpsFn, x: torch.Tensor, t: torch.Tensor, full_precision: bool) -> torch.Tensor:
+    """ε̂(x, t); with full_precision, outside any autocast and with x at least float32."""
+    if not full_precision:
+        return denoiser(x, t)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return denoiser(x if x.dtype in (torch.float32, torch.float64) else x.float(), t)
 
-    α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_cur. First step first order, later steps second
-    order (midpoint form), and from the last index a first-order step to σ = 0, which is x̂0 itself — the same
-    as diffusers' DPMSolverMultistepScheduler(final_sigmas_type="zero"). NFE = len(timesteps).
-    Deterministic; the mask (if any) multiplies the state after every step.
-    """
+
+def _dpmpp_2m(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_above) -> torch.Tensor:
+    """The multistep loop of the ODE (noise_fn None) and SDE (noise_fn(x) → z ~ N(0, I)) variants; → last x̂0."""
     setup = _setup(x, mask)
     ts = _check_timesteps(timesteps, schedule)
     alpha = np.sqrt(schedule.alphas_cumprod[ts])
@@ -200,26 +214,63 @@ def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
     lam = np.log(alpha) - np.log(sigma)
     x0_previous = None
     for i, t in enumerate(ts):
-        x0 = schedule.predict_x0_from_eps(x, t, denoiser(x, setup.time(t)))
+        eps = _denoise(denoiser, x, setup.time(t), bool(sigma[i] > fp32_above * alpha[i]))
+        x0 = schedule.predict_x0_from_eps(x, t, eps)
         _report(callback, i, len(ts), t, x, x0)
         if i == len(ts) - 1:
-            return x0
+            return x0  # the final step to σ = 0 lands on x̂0 itself (and adds no noise)
         h = lam[i + 1] - lam[i]
         if x0_previous is None:
             direction = x0
         else:
             r = (lam[i] - lam[i - 1]) / h
             direction = x0 + (x0 - x0_previous) / (2.0 * r)  # D0 + ½·D1, D1 = (x̂0_i − x̂0_{i−1}) / r
-        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * direction
+        if noise_fn is None:  # ODE: x' = σ'/σ·x − α'·(e^{−h} − 1)·D
+            x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * direction
+        else:  # SDE: x' = σ'/σ·e^{−h}·x + α'·(1 − e^{−2h})·D + σ'·√(1 − e^{−2h})·z·M
+            z = noise_fn(x) if setup.mask is None else noise_fn(x) * setup.mask
+            x = ((sigma[i + 1] / sigma[i]) * math.exp(-h)) * x - (alpha[i + 1] * math.expm1(-2 * h)) * direction
+            x = x + (sigma[i + 1] * math.sqrt(-math.expm1(-2 * h))) * z
         if setup.mask is not None:
             x = x * setup.mask
         x0_previous = x0
     raise AssertionError("unreachable")
 
 
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, timesteps: Sequence[int], *,
+                    mask: torch.Tensor | None = None, callback=None,
+                    fp32_above: float = FP32_SIGMA_OVER_ALPHA) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2) over decreasing indices, then x̂0 at the last.
+
+    α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_cur. First step first order, later steps second
+    order (midpoint form), and from the last index a first-order step to σ = 0, which is x̂0 itself — the same
+    as diffusers' DPMSolverMultistepScheduler(final_sigmas_type="zero"). NFE = len(timesteps).
+    Deterministic; the mask (if any) multiplies the state after every step. Where σ/α > fp32_above the
+    denoiser runs without autocast on float32 input (bf16 rounding of ε̂ would be amplified σ/α times).
+    """
+    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above)
+
+
+@torch.no_grad()
+def sample_sde_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, timesteps: Sequence[int], *,
+                        tau_d: float = 1.0, mask: torch.Tensor | None = None, generator: Generators = None,
+                        callback=None, fp32_above: float = FP32_SIGMA_OVER_ALPHA) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, the SDE variant; diffusers "sde-dpmsolver++").
+
+    Same steps as :func:`sample_dpmpp_2m` with the SDE coefficients: x' = σ'/σ·e^{−h}·x + α'(1 − e^{−2h})·D +
+    σ'·√(1 − e^{−2h})·τ_d·z·M, z ~ N(0, I) from ``generator`` (one per batch row, so batching never changes a
+    chain); no noise on the last step (to σ = 0). τ_d scales the noise standard deviation as in the ancestral
+    sampler. NFE = len(timesteps).
+    """
+    tau_d = _check_tau("tau_d", tau_d)
+    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, lambda like: tau_d * randn_like(like, generator),
+                     callback, fp32_above)
+
+
 # --- dispatch -------------------------------------------------------------------------------------------
 def chain_nfe(sampler: str, t_start: int, steps: int) -> int:
-    """Network evaluations of one chain: t_start + 1 for "ancestral", steps + 1 for "ddpm" and "dpmpp", 1 for
+    """Network evaluations of one chain: t_start + 1 for "ancestral", steps + 1 for the others, 1 for
     "regression" (the encoder, which every chain also runs once per image)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -228,22 +279,40 @@ def chain_nfe(sampler: str, t_start: int, steps: int) -> int:
     return t_start + 1 if sampler == "ancestral" else steps + 1
 
 
+def noise_start_index(schedule: DiffusionSchedule, sampler: str) -> int:
+    """Where a chain from pure noise starts: T − 1 for the ancestral/DDPM chains, the λ clip for DPM-Solver++.
+
+    DPM-Solver++ weights its first x̂0 by α_next·(1 − e^{−h}) ≈ 1 for a long first step, so an x̂0 taken at
+    T − 1 (ᾱ = 2.4·10⁻⁹, σ/α ≈ 2·10⁴ on cosine(1000)) is garbage that the whole chain inherits; diffusers clips
+    λ ≥ −5.1 (`lambda_min_clipped`) for this schedule. The ancestral samplers keep T − 1: their step weighs x̂0
+    by β_t·√ᾱ_{t−1}/(1 − ᾱ_t) ≈ α_{t−1}, which cancels most of x̂0's 1/α_t.
+    """
+    if sampler in DPM_SOLVERS:
+        return lambda_clipped_start(schedule, LAMBDA_MIN_CLIPPED)
+    return schedule.num_timesteps - 1
+
+
 @torch.no_grad()
 def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSchedule, *, sampler: str,
                  t_start: int, steps: int = 10, tau_d: float = 1.0, mask: torch.Tensor | None = None,
-                 generator: Generators = None, callback=None) -> torch.Tensor:
-    """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps ignored), "ddpm" (respaced), "dpmpp"."""
+                 generator: Generators = None, callback=None, spacing: str = "uniform") -> torch.Tensor:
+    """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps and spacing ignored), "ddpm"
+    (respaced), "dpmpp" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or "logsnr" in λ."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if sampler == "ancestral":
         return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
                                 generator=generator, callback=callback)
+    if sampler not in ("ddpm", *DPM_SOLVERS):
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    t_start = _check_index("t_start", t_start, schedule, low=1)
+    timesteps = chain_timesteps(schedule, t_start, steps, spacing)
     if sampler == "ddpm":
-        return sample_respaced(denoiser, x_start, schedule, t_start, steps, tau_d=tau_d, mask=mask,
-                               generator=generator, callback=callback)
+        return _respaced(denoiser, x_start, schedule, timesteps, tau_d, mask, generator, callback)
     if sampler == "dpmpp":
-        t_start = _check_index("t_start", t_start, schedule, low=1)
-        return sample_dpmpp_2m(denoiser, x_start, schedule, space_timesteps(t_start, steps), mask=mask,
-                               callback=callback)
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        return sample_dpmpp_2m(denoiser, x_start, schedule, timesteps, mask=mask, callback=callback)
+    return sample_sde_dpmpp_2m(denoiser, x_start, schedule, timesteps, tau_d=tau_d, mask=mask,
+                               generator=generator, callback=callback)
 
 
 # --- repeated samples: Welford running moments ----------------------------------------------------------
@@ -326,19 +395,22 @@ class _Options:
     t_start: int
     steps: int
     nfe: int
+    spacing: str = "uniform"
 
 
 def _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_samples, max_batch,
-                      data_consistency) -> _Options:
+                      data_consistency, spacing="uniform") -> _Options:
     T = model.schedule.num_timesteps
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if start not in STARTS:
         raise ValueError(f"unknown start {start!r}; expected one of {STARTS}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     _check_tau("tau_d", tau_d)
     _check_tau("tau_f", tau_f)
     if start == "noise":
-        t_trunc = T - 1  # the untruncated baseline always starts from pure noise at the last index
+        t_trunc = noise_start_index(model.schedule, sampler)  # the untruncated baseline, from pure noise
     elif t_trunc is None:
         t_trunc = model.config.diffusion.t_trunc
     if not _is_int(t_trunc) or not 1 <= t_trunc <= T - 1:
@@ -352,7 +424,7 @@ def _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_sam
     if isinstance(data_consistency, bool) or not (isinstance(data_consistency, numbers.Real)
                                                   and 0.0 <= data_consistency <= 1.0):
         raise ValueError(f"data_consistency weight must be in [0, 1], got {data_consistency!r}")
-    return _Options(sampler, start, int(t_trunc), int(steps), chain_nfe(sampler, int(t_trunc), int(steps)))
+    return _Options(sampler, start, int(t_trunc), int(steps), chain_nfe(sampler, int(t_trunc), int(steps)), spacing)
 
 
 def _check_cond(cond) -> None:
@@ -407,22 +479,25 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
                  steps: int = 10, tau_d: float = 0.9, tau_f: float = 0.9, n_samples: int = 1, start: str = "flow",
                  data_consistency: float = 0.0, measured_kspace: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, callback=None, max_batch: int | None = None,
-                 keep_samples: bool = False, valid: torch.Tensor | None = None) -> SampleResult:
+                 keep_samples: bool = False, valid: torch.Tensor | None = None,
+                 spacing: str = "uniform") -> SampleResult:
     """FTDDM inference (paper Algorithm 1): flow draws x_Ttrunc (τ_f), truncated reverse chain, clamp and mask.
 
     ``model`` is an FTDDM v2 bundle (``encode``, ``flow_sample``, ``denoiser``, ``schedule``, ``config``): the
     encoder runs once per image; each chain starts from the flow's draw around √ᾱ·x̂0_enc (or from noise)
     and runs the ε-UNet conditioned on [y, x̂0_enc]. cond is (B, 4, H, W) = [LR, M, T1, FLAIR]; ``valid``
-    (B, 1, H, W) marks the unpadded image when cond was padded (see FTDDM.pad). start="noise"
-    runs the untruncated baseline from N(0, I)·M at index T−1 (t_trunc is then ignored). Repeated samples are
-    reduced to a per-pixel mean and sample std (n − 1) with Welford running moments; at most ``max_batch``
-    chains (default B) share one network call. Each chain (sample k, image b) draws all its noise from its own
+    (B, 1, H, W) marks the unpadded image when cond was padded (see FTDDM.pad). start="noise" runs the
+    untruncated baseline from N(0, I)·M (t_trunc is then ignored) at index T−1, or for "dpmpp" and
+    "dpmpp-sde" at the largest index with λ ≥ −5.1 (see :func:`noise_start_index`). ``spacing`` places the
+    `steps` + 1 solver indices "uniform" in index or "logsnr" (uniform in λ). Repeated samples are reduced to
+    a per-pixel mean and sample std (n − 1) with Welford running moments; at most ``max_batch`` chains
+    (default B) share one network call. Each chain (sample k, image b) draws all its noise from its own
     generator (on the model's device) seeded from ``generator``, so results do not depend on max_batch; they
     are reproducible per device type. Returns a SampleResult.
     """
     started = time.perf_counter()
     opts = _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_samples, max_batch,
-                             data_consistency)
+                             data_consistency, spacing)
     _check_cond(cond)
     device, out_device = _model_device(model, cond), cond.device
     cond, scale, measured = _validate_inputs(cond, scale, measured_kspace, data_consistency, device)
@@ -501,7 +576,7 @@ def _run_chunk(model, opts: _Options, ctx: _Context, measured, weight, tau_d, ta
     denoiser = CountingDenoiser(model.denoiser(ctx.cond, ctx.x0_enc, ctx.scale, ctx.valid), model.schedule,
                                 mask=mask, x0_hook=ftddm_x0_hook(clip, mask, measured, weight, ctx.image_size))
     x0 = sample_chain(denoiser, x, model.schedule, sampler=opts.sampler, t_start=opts.t_start, steps=opts.steps,
-                      tau_d=tau_d, mask=mask, generator=generators, callback=callback)
+                      tau_d=tau_d, mask=mask, generator=generators, callback=callback, spacing=opts.spacing)
     if denoiser.nfe != opts.nfe:
         raise AssertionError(f"chain made {denoiser.nfe} network evaluations, expected {opts.nfe}")
     return x0.clamp(float(clip[0]), float(clip[1])) * mask, denoiser.nfe

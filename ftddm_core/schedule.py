@@ -1,4 +1,4 @@
-"""Diffusion schedule in float64: cosine ᾱ, forward process, posterior and respacing.
+"""Diffusion schedule in float64: cosine ᾱ, forward process, posterior, log-SNR, step spacing and respacing.
 
 Notation follows Ho et al. 2020 / Nichol & Dhariwal 2021 (improved DDPM): index t ∈ [0, T) and
 x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, with ᾱ_t = Π_{i≤t}(1−β_i). Math only; never touches files.
@@ -53,6 +53,13 @@ class DiffusionSchedule:
         return 1.0 - self.alphas_cumprod / self.alphas_cumprod_prev
 
     @property
+    def lambdas(self) -> np.ndarray:
+        """λ_t = log(α_t/σ_t) = ½·log(ᾱ_t/(1−ᾱ_t)), DPM-Solver's half log-SNR (Lu et al. 2022); +inf if ᾱ = 1."""
+        a = self.alphas_cumprod
+        with np.errstate(divide="ignore"):
+            return 0.5 * (np.log(a) - np.log1p(-a))
+
+    @property
     def posterior_variance(self) -> np.ndarray:
         """β̃_t = β_t (1−ᾱ_{t−1}) / (1−ᾱ_t) (Ho et al. eq. 7)."""
         return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -92,11 +99,59 @@ def _at(values: np.ndarray, t: torch.Tensor | int, like: torch.Tensor) -> torch.
     return out.reshape(out.shape + (1,) * (like.ndim - out.ndim))
 
 
-def space_timesteps(t_max: int, steps: int) -> list[int]:
-    """`steps` + 1 integer indices evenly spaced from t_max down to 0 (inclusive), strictly decreasing."""
+SPACINGS = ("uniform", "logsnr")
+
+
+def _check_steps(t_max: int, steps: int) -> None:
     if steps < 1 or steps > t_max:
         raise ValueError(f"steps must be in [1, {t_max}] for a chain starting at index {t_max}, got {steps}")
-    return [int(round(v)) for v in np.linspace(t_max, 0, steps + 1)]
+
+
+def space_timesteps(t_max: int, steps: int) -> list[int]:
+    """`steps` + 1 integer indices evenly spaced from t_max down to 0 (inclusive), strictly decreasing.
+
+    Rounded as diffusers' "linspace" spacing (from 0 upwards, half to even), so that ties such as 895.5 fall on
+    the same side and a chain's indices equal diffusers' timesteps (plus the final index 0).
+    """
+    _check_steps(t_max, steps)
+    return [int(v) for v in np.linspace(0, t_max, steps + 1).round()[::-1]]
+
+
+def logsnr_timesteps(schedule: DiffusionSchedule, t_max: int, steps: int) -> list[int]:
+    """`steps` + 1 indices from t_max to 0 whose λ_t are evenly spaced (Lu et al. 2022, "logSNR" uniform).
+
+    Each uniform λ target is mapped to the nearest index (λ_t is monotone in t); where rounding would repeat an
+    index (many steps over a short range) the index is moved down by one, so the list stays strictly decreasing.
+    """
+    _check_steps(t_max, steps)
+    lam = schedule.lambdas[: t_max + 1]
+    lam_end = lam[1] + (lam[1] - lam[2]) if not np.isfinite(lam[0]) else lam[0]  # ᾱ_0 = 1: extrapolate λ_0
+    targets = np.linspace(lam[t_max], lam_end, steps + 1)
+    finite = np.where(np.isfinite(lam), lam, lam_end)
+    order = np.arange(t_max + 1)
+    ideal = np.interp(targets, finite[::-1], order[::-1])  # λ decreases with t: interpolate on the reversed axis
+    ts = np.rint(ideal).astype(np.int64)
+    ts[0], ts[-1] = t_max, 0
+    for i in range(1, steps + 1):
+        ts[i] = min(max(ts[i], steps - i), ts[i - 1] - 1)  # distinct and room for the remaining steps
+    return [int(t) for t in ts]
+
+
+def chain_timesteps(schedule: DiffusionSchedule, t_max: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """The `steps` + 1 indices of a solver chain from t_max to 0: "uniform" in index or "logsnr" (uniform in λ)."""
+    if spacing == "uniform":
+        return space_timesteps(t_max, steps)
+    if spacing == "logsnr":
+        return logsnr_timesteps(schedule, t_max, steps)
+    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+
+
+def lambda_clipped_start(schedule: DiffusionSchedule, lambda_min: float) -> int:
+    """The largest index t with λ_t ≥ lambda_min (diffusers' ``lambda_min_clipped``): where a noise chain starts."""
+    above = np.nonzero(schedule.lambdas >= lambda_min)[0]
+    if len(above) == 0:
+        raise ValueError(f"no index of the schedule has λ ≥ {lambda_min} (λ_0 = {schedule.lambdas[0]:.3g})")
+    return int(above[-1])
 
 
 def respace(schedule: DiffusionSchedule, use_timesteps) -> tuple[DiffusionSchedule, np.ndarray]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-SAMPLERS = ("dpmpp", "ancestral", "ddpm")  # DPM-Solver++ (fast default), paper Algorithm 1, respaced DDPM
+SAMPLERS = ("dpmpp", "ancestral", "ddpm", "dpmpp-sde")  # DPM-Solver++ (default), Algorithm 1, respaced, SDE
+SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index or in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCALE_RANGE = (2.0, 8.0)  # upscaling factors the shipped models are trained for (64 / LR matrix 8 … 32)
 MAX_STEPS = 1000
@@ -25,7 +26,8 @@ class SuperResolveParameters:
     tau_d: float = 0.9  # diffusion noise temperature τ_d (ancestral and ddpm samplers)
     tau_f: float = 0.9  # flow temperature τ_f of the truncated start point
     sampler: str = "dpmpp"
-    steps: int = 10  # solver steps (dpmpp, ddpm)
+    steps: int = 10  # solver steps (dpmpp, dpmpp-sde, ddpm)
+    spacing: str = "uniform"
     samples: int = 8  # draws per map: mean = SR, standard deviation = uncertainty
     data_consistency: float = 0.0  # λ ∈ [0, 1], blend of the measured central k-space
     seed: int = 0
@@ -58,6 +60,8 @@ class SuperResolveParameters:
         number("slice_axis", -1, 2, integer=True)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         device = str(self.device)
         if device.split(":")[0] not in DEVICES or (":" in device and not device.startswith("cuda:")):
             raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}")

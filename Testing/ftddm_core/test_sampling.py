@@ -8,6 +8,7 @@ import torch
 from ftddm_core import kspace
 from ftddm_core.config import preset
 from ftddm_core.sampling import (
+    FP32_SIGMA_OVER_ALPHA,
     CountingDenoiser,
     RunningMoments,
     sample_ancestral,
@@ -15,8 +16,9 @@ from ftddm_core.sampling import (
     sample_dpmpp_2m,
     sample_ftddm,
     sample_respaced,
+    sample_sde_dpmpp_2m,
 )
-from ftddm_core.schedule import DiffusionSchedule, space_timesteps
+from ftddm_core.schedule import DiffusionSchedule, logsnr_timesteps, space_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
@@ -155,13 +157,166 @@ def test_dpmpp_2m_converges_at_second_order():
     assert errors[0] / errors[1] > 3.0
 
 
+# --- 2b. DPM-Solver++ from noise: λ clip, SDE-DPM-Solver++(2M), logSNR spacing, float32 first steps ------
+# diffusers' settings: the cosine schedule, order 2, last step to σ = 0; from noise its own timesteps with the
+# λ clip and "linspace" spacing (set_timesteps(K) gives our indices without the final 0), else ours passed in.
+CLIPPED = dict(**COSINE, solver_order=2, final_sigmas_type="zero", lower_order_final=True,
+               lambda_min_clipped=-5.1, timestep_spacing="linspace")
+
+
+def bounded_x0(x, t):
+    """A nonlinear x̂0 in (0.4, 1.6), inside the data range (0, 2), so FTDDM's clamp never acts."""
+    tf = (t.to(x.dtype) / 100).reshape(-1, *(1,) * (x.ndim - 1))
+    return 1.0 + 0.5 * torch.tanh(x) + 0.1 * torch.sin(3 * x + tf)
+
+
+def bounded_unet(x, t, cond=None, scale=None):
+    return SCHEDULE.predict_eps_from_x0(x, t, bounded_x0(x, t))
+
+
+@pytest.mark.parametrize("steps", [10, 100])
+def test_noise_start_equals_diffusers_lambda_clip_step_for_step(steps):
+    """start="noise" ≡ DPMSolverMultistepScheduler(lambda_min_clipped=-5.1) on the 1000-step cosine schedule.
+
+    The full sample_ftddm path in float32: diffusers' timesteps from set_timesteps(K) are our chain's first K
+    indices (995, …), and the state entering each of its K steps equals the input of our network call.
+    """
+    model = fake_model(bounded_unet)
+    sample_ftddm(model, make_cond(full_mask=True), 4.0, sampler="dpmpp", start="noise", steps=steps,
+                 generator=torch.Generator().manual_seed(0))
+    ours_x = [x for x, _ in model.unet.calls]
+    ours_t = [int(t[0]) for _, t in model.unet.calls]
+    ref = diffusers.DPMSolverMultistepScheduler(**CLIPPED, algorithm_type="dpmsolver++")
+    ref.set_timesteps(steps)
+    assert ours_t == ref.timesteps.tolist() + [0]
+    _, theirs = run_diffusers(ref, ours_x[0], ref.timesteps.tolist(), bounded_unet)
+    deviation = max((a - b).abs().max().item() for a, b in zip(ours_x, theirs))
+    assert deviation < 1e-5, deviation  # measured 4.1e-6 (K = 10), 3.5e-6 (K = 100): float32 on both sides
+
+
+def test_dpmpp_on_diffusers_clipped_timesteps_equals_diffusers():
+    """Our solver on diffusers' own clipped timesteps (no final 0): every state and the final x̂0 agree."""
+    ref = diffusers.DPMSolverMultistepScheduler(**CLIPPED, algorithm_type="dpmsolver++")
+    ref.set_timesteps(10)
+    ts = ref.timesteps.tolist()
+    x = start_state()
+    ours_states = []
+    ours = sample_dpmpp_2m(denoiser_eps, x, SCHEDULE, ts, callback=record_states(ours_states))
+    theirs, theirs_states = run_diffusers(ref, x, ts, denoiser_eps)
+    for a, b in zip(ours_states, theirs_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("start", ["noise", "flow"])
+def test_sde_dpmpp_equals_diffusers_sde_dpmsolver_with_the_same_noise(start):
+    """SDE-DPM-Solver++(2M) ≡ diffusers' algorithm_type="sde-dpmsolver++" given the same z (variance_noise=).
+
+    diffusers gets our float64 ᾱ (its float32 ᾱ keeps ~3 digits of 1 − ᾱ near t = 0: 3e-5 apart from 100);
+    its λ clip still comes from its own float32 λ_t, and it computes each step in float32.
+    """
+    ref = diffusers.DPMSolverMultistepScheduler(**CLIPPED, algorithm_type="sde-dpmsolver++")
+    ref.alphas_cumprod = torch.from_numpy(SCHEDULE.alphas_cumprod)  # read by set_timesteps
+    if start == "noise":
+        ref.set_timesteps(10)
+    else:
+        ref.set_timesteps(timesteps=space_timesteps(100, 10))
+    ts = ref.timesteps.tolist()
+    x = start_state()
+    ours_states, ours_eval = [], CountingDenoiser(denoiser_eps)
+    ours = sample_sde_dpmpp_2m(ours_eval, x, SCHEDULE, ts, generator=torch.Generator().manual_seed(11),
+                               callback=record_states(ours_states))
+    g = torch.Generator().manual_seed(11)  # the same draws, in the same order: one per step but the last
+    noises = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in ts[:-1]] + [torch.zeros_like(x)]
+    y, theirs_states = x, []
+    for t, z in zip(ts, noises):
+        theirs_states.append(y)
+        y = ref.step(denoiser_eps(y, torch.full((2,), t)), t, y, variance_noise=z).prev_sample
+    assert ours_eval.nfe == len(ts) and ts[0] == (995 if start == "noise" else 100)
+    for a, b in zip(ours_states, theirs_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, y, rtol=0, atol=2e-6)
+
+
+def test_sde_dpmpp_rows_own_their_noise():
+    """One generator per row: a chain does not depend on its batch, repeats exactly, and changes with its seed."""
+    x = start_state((3, 1, 4, 4))
+    ts = space_timesteps(995, 10)
+
+    def run(x, seeds):
+        return sample_sde_dpmpp_2m(smooth_eps, x, SCHEDULE, ts,
+                                   generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    batch = run(x, [1, 2, 3])
+    assert torch.equal(batch, run(x, [1, 2, 3]))
+    assert torch.equal(batch, torch.cat([run(x[i:i + 1], [s]) for i, s in enumerate([1, 2, 3])]))
+    other = run(x, [1, 2, 4])
+    assert torch.equal(other[:2], batch[:2]) and (other[2] - batch[2]).abs().max() > 1e-3
+    deterministic = sample_dpmpp_2m(smooth_eps, x, SCHEDULE, ts)
+    assert (batch - deterministic).abs().max() > 1e-3  # the SDE does inject noise
+
+
+def test_sde_noise_is_scaled_by_tau_d_and_confined_by_the_mask():
+    x0 = torch.zeros(1, 1, 256, 256, dtype=torch.float64)
+    mask = torch.zeros_like(x0)
+    mask[..., :128] = 1
+    x = start_state((1, 1, 256, 256), seed=1) * mask
+    states = []
+    sample_sde_dpmpp_2m(oracle_eps(x0), x, SCHEDULE, [100, 50], tau_d=0.5, mask=mask,
+                        generator=torch.Generator().manual_seed(0), callback=record_states(states))
+    alpha, sigma = np.sqrt(SCHEDULE.alphas_cumprod[[100, 50]]), np.sqrt(1 - SCHEDULE.alphas_cumprod[[100, 50]])
+    h = np.log(alpha[1] / sigma[1]) - np.log(alpha[0] / sigma[0])
+    z = (states[1] - sigma[1] / sigma[0] * np.exp(-h) * x) / (sigma[1] * np.sqrt(1 - np.exp(-2 * h)))
+    assert abs(z[..., :128].std().item() - 0.5) < 0.01
+    assert torch.all(z[..., 128:] == 0)
+
+
+def test_high_noise_steps_run_in_float32_under_bf16_autocast():
+    """Where σ/α > 1 the denoiser runs in float32 under bf16 autocast: those steps equal a float32 run exactly."""
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.linspace(-0.3, 0.5, 9).reshape(1, 1, 3, 3))
+    dtypes = []
+
+    def eps_fn(x, t):
+        out = conv(x)
+        dtypes.append(out.dtype)
+        return torch.tanh(out) + 0.5 * x
+
+    ts = space_timesteps(995, 10)
+    x = start_state((2, 1, 16, 16), dtype=torch.float32)
+    alpha, sigma = np.sqrt(SCHEDULE.alphas_cumprod[ts]), np.sqrt(1 - SCHEDULE.alphas_cumprod[ts])
+    high = [i for i in range(len(ts)) if sigma[i] / alpha[i] > FP32_SIGMA_OVER_ALPHA]
+    assert high == list(range(len(high))) and 3 <= len(high) < len(ts)
+
+    def run(autocast, **kw):
+        x0s = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = sample_dpmpp_2m(eps_fn, x, SCHEDULE, ts, callback=lambda i: x0s.append(i["x0"]), **kw)
+        return out, x0s
+
+    reference, ref_x0 = run(False)
+    dtypes.clear()
+    guarded, guarded_x0 = run(True)
+    assert dtypes == [torch.float32] * len(high) + [torch.bfloat16] * (len(ts) - len(high))
+    assert all(torch.equal(guarded_x0[i], ref_x0[i]) for i in high)
+    unguarded, unguarded_x0 = run(True, fp32_above=float("inf"))
+    first_error = (unguarded_x0[0] - ref_x0[0]).abs().max().item()
+    assert first_error > 0.05  # bf16 rounding of ε̂, amplified σ/α ≈ 160 times at index 995
+    guarded_error = (guarded - reference).abs().max().item()
+    assert guarded_error < 0.05 and guarded_error < (unguarded - reference).abs().max().item()
+
+
 # --- 3. oracle ε recovers x0 through every sampler -------------------------------------------------------
 @pytest.mark.parametrize("run", [
     lambda d, x: sample_ancestral(d, x, SCHEDULE, 100, tau_d=0.0, generator=torch.Generator().manual_seed(0)),
     lambda d, x: sample_ancestral(d, x, SCHEDULE, 100, tau_d=1.0, generator=torch.Generator().manual_seed(0)),
     lambda d, x: sample_respaced(d, x, SCHEDULE, 100, 10, tau_d=1.0, generator=torch.Generator().manual_seed(0)),
     lambda d, x: sample_dpmpp_2m(d, x, SCHEDULE, space_timesteps(100, 10)),
-], ids=["ancestral-tau0", "ancestral-tau1", "respaced", "dpmpp"])
+    lambda d, x: sample_dpmpp_2m(d, x, SCHEDULE, logsnr_timesteps(SCHEDULE, 100, 10)),
+    lambda d, x: sample_sde_dpmpp_2m(d, x, SCHEDULE, space_timesteps(100, 10),
+                                     generator=torch.Generator().manual_seed(0)),
+], ids=["ancestral-tau0", "ancestral-tau1", "respaced", "dpmpp", "dpmpp-logsnr", "dpmpp-sde"])
 def test_oracle_denoiser_returns_x0(run):
     x0 = start_state(seed=2)
     x = SCHEDULE.q_sample(x0, torch.full((2,), 100), start_state(seed=3))
@@ -221,7 +376,8 @@ def make_cond(batch=2, size=8, seed=0, full_mask=False):
 
 
 @pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("ddpm", "flow"), ("dpmpp", "flow"),
-                                           ("ancestral", "noise"), ("dpmpp", "noise")])
+                                           ("dpmpp-sde", "flow"), ("ancestral", "noise"), ("dpmpp", "noise"),
+                                           ("dpmpp-sde", "noise")])
 def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
     cond = make_cond()
     result = sample_ftddm(fake_model(), cond, 4.0, sampler=sampler, start=start, tau_d=1.0, n_samples=2,
@@ -232,10 +388,11 @@ def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
 
 # --- 4./5. NFE and the start index -----------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("ddpm", 10, 11), ("dpmpp", 10, 11),
-                                               ("dpmpp", 100, 101)])
-def test_nfe_of_a_truncated_chain(sampler, steps, nfe):
+                                               ("dpmpp", 100, 101), ("dpmpp-sde", 10, 11), ("dpmpp-sde", 100, 101)])
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+def test_nfe_of_a_truncated_chain(sampler, steps, nfe, spacing):
     counter = CountingDenoiser(smooth_eps)
-    sample_chain(counter, start_state(), SCHEDULE, sampler=sampler, t_start=100, steps=steps,
+    sample_chain(counter, start_state(), SCHEDULE, sampler=sampler, t_start=100, steps=steps, spacing=spacing,
                  generator=torch.Generator().manual_seed(0))
     assert counter.nfe == nfe
 
@@ -254,12 +411,25 @@ def test_flow_start_is_at_exactly_t_trunc_and_counts_are_reported():
     assert result.nfe == 6 and result.total_calls == 12  # 6 chains in chunks of 4 + 2
 
 
-def test_noise_start_runs_the_full_chain():
+@pytest.mark.parametrize("sampler,first_t", [("ddpm", 999), ("dpmpp", 995), ("dpmpp-sde", 995)])
+def test_noise_start_runs_the_full_chain(sampler, first_t):
+    """DDPM starts at T − 1; DPM-Solver++ at the λ ≥ −5.1 clip: λ_995 = −5.08 ≥ −5.1 > λ_996 = −5.37."""
     model = fake_model(analytic_unet)
-    result = sample_ftddm(model, make_cond(), 4.0, sampler="dpmpp", start="noise", steps=10,
+    result = sample_ftddm(model, make_cond(), 4.0, sampler=sampler, start="noise", steps=10,
                           generator=torch.Generator().manual_seed(0))
-    assert model.unet.calls[0][1][0].item() == 999 and result.nfe == 11
+    assert model.unet.calls[0][1][0].item() == first_t and result.nfe == 11 == len(model.unet.calls)
+    assert model.unet.calls[-1][1][0].item() == 0
     assert not model.flow.calls
+
+
+@pytest.mark.parametrize("sampler,start,first_t", [("dpmpp", "flow", 100), ("dpmpp", "noise", 995),
+                                                   ("dpmpp-sde", "noise", 995), ("ddpm", "flow", 100)])
+def test_logsnr_spacing_reaches_the_chain(sampler, start, first_t):
+    model = fake_model(analytic_unet)
+    result = sample_ftddm(model, make_cond(), 4.0, sampler=sampler, start=start, steps=10, spacing="logsnr",
+                          generator=torch.Generator().manual_seed(0))
+    assert [int(t[0]) for _, t in model.unet.calls] == logsnr_timesteps(SCHEDULE, first_t, 10)
+    assert result.nfe == 11
 
 
 # --- 6. reproducibility, repeated samples and chunking ---------------------------------------------------
@@ -286,7 +456,7 @@ def test_mean_and_std_equal_torch_statistics_of_the_samples():
     assert torch.all(single.std == 0)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp"])
+@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp", "dpmpp-sde"])
 def test_chunking_with_max_batch_gives_identical_results(sampler):
     results = [run_fake(4, sampler=sampler, max_batch=m) for m in (None, 1, 4, 100)]
     for r in results[1:]:
@@ -364,7 +534,7 @@ def test_counting_denoiser_masks_eps_and_applies_the_x0_hook():
         CountingDenoiser(smooth_eps, x0_hook=lambda x0: x0)
 
 
-@pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("dpmpp", "noise")])
+@pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("dpmpp", "noise"), ("dpmpp-sde", "flow")])
 def test_output_and_every_network_input_are_exactly_zero_outside_the_mask(sampler, start):
     cond = make_cond()
     model = fake_model(analytic_unet, t_trunc=30)
@@ -385,6 +555,7 @@ def test_output_and_every_network_input_are_exactly_zero_outside_the_mask(sample
     (dict(data_consistency=0.5), "measured_kspace"),
     (dict(data_consistency=0.5, measured_kspace=torch.zeros(3, 1, 4, 4, dtype=torch.complex64)), "measured_kspace"),
     (dict(generator=123), "generator"),
+    (dict(spacing="karras"), "spacing"),
 ])
 def test_bad_options_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
