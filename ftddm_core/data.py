@@ -2,15 +2,16 @@
 
 Layout (see docs/dataset_format.md)::
 
-    DATASET/dataset.json                 metabolites, units "mM", description, seed, patients
-    DATASET/<patient>/<metabolite>.nii.gz   HR map, one per metabolite, all on one grid (e.g. NAA.nii.gz)
+    DATASET/dataset.json                 metabolites, units "mM" or "a.u.", description, seed, patients
+    DATASET/<patient>/<metabolite>.nii.gz   HR map, one per metabolite, all on one grid (any matrix)
     DATASET/<patient>/t1.nii.gz, flair.nii.gz   any geometry; resampled to the map grid in physical space
     DATASET/<patient>/mask.nii.gz        optional quality mask on the map grid
     DATASET/<patient>/lesion.nii.gz      optional lesion labels on the map grid
 
 Training examples follow the paper (§1–2) with the derivation inference uses: LR = |downsample(HR, m)| by
-centred k-space truncation (m = 8 … 32, s = 64 / m), zero-filled, y = [LR_zf, M, T1, FLAIR]. Unlike the
-published code, the intensity scale comes from the LR input only (prep.model_inputs), as it must at inference.
+centred k-space truncation of the full slice (m_a = round(n_a / F); legacy 64×64 data: m = 8 … 32), zero-filled,
+y = [LR_zf, M, T1, FLAIR], then cut to a T×T tile. Unlike the published code, the intensity scale comes from
+the LR input only (prep.model_inputs), as it must at inference.
 """
 from __future__ import annotations
 

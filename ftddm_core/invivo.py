@@ -284,8 +284,8 @@ def make_invivo_patient(seed: int | np.random.SeedSequence, *, kind: str = "mixe
         conc = f["gm"] * gm_c[name] + f["wm"] * wm_c[name]  # CSF holds ~no metabolites
         per_label = np.array([1.0, factors["core"][name], factors["rim"][name], factors["edema"][name]])
         conc = conc * per_label[labels]
-        texture = ph.SmoothField.draw(rng, (12.0, 80.0), 6)(f_points)  # physiological / fitting texture ±10 %
-        conc *= (1 + 0.1 * np.tanh(texture)) * bias * (1 - b0_loss * b0_fine)
+        texture = ph.SmoothField.draw(rng, (12.0, 80.0), 6)(f_points)  # physiological / fitting texture ±15 %
+        conc *= (1 + 0.15 * np.tanh(texture)) * bias * (1 - b0_loss * b0_fine)
         signal = np.moveaxis(acquire(slab(conc), matrix, window), 0, 2)
         mean_signal = float(signal[brain].mean())
         sd = mean_signal / acq["snr"][name]
@@ -299,6 +299,10 @@ def make_invivo_patient(seed: int | np.random.SeedSequence, *, kind: str = "mixe
 
     quality, qinfo = _quality_mask(maps["NAA"], noise_sd["NAA"], truth_mean["NAA"], brain, b0_map, lipid_map,
                                    acq["lipid_factor"]["NAA"] * truth_mean["NAA"] * lipid_acq)
+    fit_failures = float(rng.uniform(0.01, 0.04))  # scattered voxels whose fit fails QC for other reasons
+    quality &= rng.random(shape) >= fit_failures
+    qinfo["fit_failure_fraction"] = fit_failures
+    qinfo["kept_fraction_of_brain"] = float(quality.sum() / max(brain.sum(), 1))
     g = acq["gain"]
     maps = {k: (v * g).astype(np.float32) for k, v in maps.items()}
 
