@@ -64,9 +64,10 @@ def cmd_phantom(args) -> int:
 
     progress = ProgressPrinter("patients", args.progress_lines)
     write_phantom_dataset(args.out, patients=args.patients, seed=args.seed, overwrite=args.overwrite,
-                          progress=lambda i, n, pid: progress(i, n, pid))
+                          progress=lambda i, n, pid: progress(i, n, pid), realism=args.realism, kind=args.kind)
     progress.close()
-    print(f"wrote {args.patients} synthetic patients to {args.out}")
+    what = "synthetic" if args.realism == "legacy" else f"in-vivo-like ({args.kind})"
+    print(f"wrote {args.patients} {what} patients to {args.out}")
     return 0
 
 
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--patients", type=int, default=25)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--realism", choices=("legacy", "invivo"), default="legacy",
+                    help="legacy: 64×64 maps in mM (paper); invivo: scanner-like maps (any matrix, noise, lipid, a.u.)")
+    sp.add_argument("--kind", choices=("mixed", "rectangular", "noisy", "5mm", "factor2"), default="mixed",
+                    help="invivo only: held-out kinds (rectangular matrix, SNR 5–10, 5 mm voxels); mixed = all")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_phantom)
 

@@ -2,15 +2,16 @@
 
 Layout (see docs/dataset_format.md)::
 
-    DATASET/dataset.json                 metabolites, units "mM", description, seed, patients
-    DATASET/<patient>/<metabolite>.nii.gz   HR map, one per metabolite, all on one grid (e.g. NAA.nii.gz)
+    DATASET/dataset.json                 metabolites, units "mM" or "a.u.", description, seed, patients
+    DATASET/<patient>/<metabolite>.nii.gz   HR map, one per metabolite, all on one grid (any matrix)
     DATASET/<patient>/t1.nii.gz, flair.nii.gz   any geometry; resampled to the map grid in physical space
     DATASET/<patient>/mask.nii.gz        optional quality mask on the map grid
     DATASET/<patient>/lesion.nii.gz      optional lesion labels on the map grid
 
 Training examples follow the paper (§1–2) with the derivation inference uses: LR = |downsample(HR, m)| by
-centred k-space truncation (m = 8 … 32, s = 64 / m), zero-filled, y = [LR_zf, M, T1, FLAIR]. Unlike the
-published code, the intensity scale comes from the LR input only (prep.model_inputs), as it must at inference.
+centred k-space truncation of the full slice (m_a = round(n_a / F); legacy 64×64 data: m = 8 … 32), zero-filled,
+y = [LR_zf, M, T1, FLAIR], then cut to a T×T tile. Unlike the published code, the intensity scale comes from
+the LR input only (prep.model_inputs), as it must at inference.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ RESERVED_FILES = (T1_FILE, FLAIR_FILE, MASK_FILE, LESION_FILE)
 FORMAT_NAME, FORMAT_VERSION = "ftddm-mrsi-dataset", 1
 LR_SIZES = tuple(range(8, 33))  # LR matrix 8…32 (paper: even sizes only; odd ones generalise to any scanner)
 AFFINE_TOL_MM = 1e-3
+MIN_LR_MATRIX = 4  # smallest LR matrix per axis a training example is degraded to
+UNITS = ("mM", "a.u.")  # concentrations, or arbitrary (institutional) units
+TRAINING_FACTORS = (2.0, 8.0)  # in-plane upscaling factors F drawn for data that is not the legacy 64×64
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -96,8 +100,9 @@ def write_patient(patient: Patient, folder: str | Path, overwrite: bool = False)
     """Write one patient folder: <metabolite>.nii.gz, t1/flair (own grid), mask, lesion, phantom.json."""
     folder = Path(folder)
     _prepare_folder(folder, overwrite)
+    units = patient.info.get("units", "mM")
     for name, hr in patient.maps.items():
-        save_nifti(hr.astype(np.float32), patient.affine, folder / f"{name}.nii.gz", f"{name} HR map [mM]")
+        save_nifti(hr.astype(np.float32), patient.affine, folder / f"{name}.nii.gz", f"{name} HR map [{units}]")
     save_nifti(patient.t1.astype(np.float32), patient.mri_affine, folder / T1_FILE, "T1")
     save_nifti(patient.flair.astype(np.float32), patient.mri_affine, folder / FLAIR_FILE, "FLAIR")
     save_nifti(patient.quality_mask.astype(np.uint8), patient.affine, folder / MASK_FILE, "MRSI quality mask")
@@ -110,34 +115,64 @@ def write_patient(patient: Patient, folder: str | Path, overwrite: bool = False)
 
 
 def write_dataset_json(root: str | Path, metabolites: Sequence[str], patients: Sequence[str], description: str,
-                       seed: int | None = None, **extra: Any) -> Path:
-    """Write DATASET/dataset.json (metabolites, units "mM", description, seed, patient folders)."""
+                       seed: int | None = None, units: str = "mM", **extra: Any) -> Path:
+    """Write DATASET/dataset.json (metabolites, units "mM" or "a.u.", description, seed, patient folders)."""
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}, got {units!r}")
     root = Path(root)
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metabolites": list(metabolites), "units": "mM",
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metabolites": list(metabolites), "units": units,
             "description": description, "seed": seed, "patients": list(patients), **extra}
     _atomic_json(meta, root / DATASET_JSON)
     return root / DATASET_JSON
 
 
+REALISMS = ("legacy", "invivo")
+
+
 def write_phantom_dataset(out_dir: str | Path, patients: int = 25, seed: int = 0, slices: int | None = None,
-                          overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Generate and write a synthetic glioma cohort (sub-001 …); progress(done, total, patient_id) per patient."""
+                          overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
+                          realism: str = "legacy", kind: str = "mixed") -> Path:
+    """Generate and write a synthetic glioma cohort (sub-001 …); progress(done, total, patient_id) per patient.
+
+    realism "legacy": phantom.make_patient (64×64 maps in mM); "invivo": invivo.make_invivo_patient of the
+    given kind (any matrix, oblique slab, noisy k-space-limited maps with lipid, arbitrary units).
+    """
+    from . import invivo
+
     if int(patients) < 1:
         raise ValueError(f"number of patients must be ≥ 1, got {patients}")
+    if realism not in REALISMS:
+        raise ValueError(f"realism must be one of {', '.join(REALISMS)}, got {realism!r}")
+    if realism == "invivo" and kind not in invivo.KINDS:
+        raise ValueError(f"kind must be one of {', '.join(invivo.KINDS)}, got {kind!r}")
+    if realism == "invivo" and slices is not None:
+        raise ValueError("slices is drawn per patient by the invivo generator; expected slices=None")
     root = Path(out_dir)
     _prepare_folder(root, overwrite)
     ids = [f"sub-{i + 1:03d}" for i in range(int(patients))]
     for i, pid in enumerate(ids):
-        patient = make_patient(patient_seed(seed, i), slices=slices, patient_id=pid)
+        if realism == "invivo":
+            patient = invivo.make_invivo_patient(patient_seed(seed, i), kind=kind, patient_id=pid)
+        else:
+            patient = make_patient(patient_seed(seed, i), slices=slices, patient_id=pid)
         write_patient(patient, root / pid, overwrite=True)
         if progress is not None:
             progress(i + 1, len(ids), pid)
-    write_dataset_json(
-        root, METABOLITES, ids, seed=int(seed), generator="ftddm_core.phantom", slices=slices,
-        description=("Synthetic high-grade-glioma MRSI phantom on MNI152 2009 anatomy: 64×64×N HR metabolite "
-                     "maps at 3.4 mm, T1/FLAIR at 1.7 mm on their own grid, quality mask, lesion labels "
-                     "(0 normal, 1 necrotic core, 2 enhancing rim, 3 edema)."),
-    )
+    if realism == "invivo":
+        write_dataset_json(
+            root, METABOLITES, ids, seed=int(seed), generator="ftddm_core.invivo", kind=kind, units=invivo.UNITS,
+            description=(f"In-vivo-like synthetic glioma MRSI ({kind}) on MNI152 2009 anatomy: oblique slabs, "
+                         "HR matrices 24–80 per axis at 2.5–7 mm, k-space-limited maps (none/Hamming) with "
+                         "k-space noise (in-brain SNR 5–40), scalp lipid, B0 dropout, arbitrary units. "
+                         "<metabolite>.nii.gz is the acquired map (lipid included); train on map × mask."),
+        )
+    else:
+        write_dataset_json(
+            root, METABOLITES, ids, seed=int(seed), generator="ftddm_core.phantom", slices=slices,
+            description=("Synthetic high-grade-glioma MRSI phantom on MNI152 2009 anatomy: 64×64×N HR metabolite "
+                         "maps at 3.4 mm, T1/FLAIR at 1.7 mm on their own grid, quality mask, lesion labels "
+                         "(0 normal, 1 necrotic core, 2 enhancing rim, 3 edema)."),
+        )
     return root
 
 
@@ -154,8 +189,8 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     mets = meta.get("metabolites") if isinstance(meta, dict) else None
     if not isinstance(mets, list) or not mets or not all(isinstance(m, str) and m for m in mets):
         raise ValueError(f"{path}: expected a non-empty list of metabolite names under 'metabolites'")
-    if meta.get("units", "mM") != "mM":
-        raise ValueError(f"{path}: units {meta.get('units')!r}; expected 'mM'")
+    if meta.get("units", "mM") not in UNITS:
+        raise ValueError(f"{path}: units {meta.get('units')!r}; expected one of {', '.join(map(repr, UNITS))}")
     return meta
 
 
@@ -306,42 +341,116 @@ def augment(images: Sequence[np.ndarray], rng: np.random.Generator, max_shift: i
     return out
 
 
-def make_example(hr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.ndarray, lr_size: int) -> dict[str, Any]:
-    """One training example, derived exactly as inference derives its inputs (prep.model_inputs).
+def lr_matrix(shape: Sequence[int], factor: float) -> tuple[int, int]:
+    """LR matrix of an HR slice for in-plane factor F: m_a = max(round(n_a / F), 4), at most n_a (half up)."""
+    if not float(factor) >= 1.0:
+        raise ValueError(f"upscaling factor must be ≥ 1, got {factor}")
+    return tuple(min(int(n), max(int(np.floor(n / float(factor) + 0.5)), MIN_LR_MATRIX)) for n in shape[-2:])
 
-    LR = |downsample(HR, m)| is the m×m magnitude map a scanner gives (all the slab's signal, not only M);
-    then zero-fill, intensity scale from |LR_zf| inside M and y = [|LR_zf|/scale, M, T1, FLAIR]; the target is
-    x0 = HR·M / scale (the ground truth is never used for the scale). t1 and flair must already be in [0, 1].
-    Returns numpy arrays x0 (1, H, W), cond (4, H, W), mask (1, H, W), scale s = H / m, lr_size m and norm.
+
+def make_example(hr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.ndarray,
+                 lr_size: int | Sequence[int] | None = None, *, factor: float | None = None) -> dict[str, Any]:
+    """One full-slice training example, derived exactly as inference derives its inputs (prep.model_inputs).
+
+    The LR matrix is ``lr_size`` (m, square maps, or (m1, m2)) or, from ``factor`` F, m_a = max(round(n_a/F), 4).
+    LR = |downsample(HR, m)| is the magnitude map a scanner gives (all the slab's signal, lipid included, not
+    only M); then zero-fill onto the HR grid, intensity scale from |LR_zf| inside M and y = [|LR_zf|/scale, M,
+    T1, FLAIR]; the target is x0 = HR·M / scale (the ground truth is never used for the scale). t1 and flair
+    must already be in [0, 1]. Returns numpy arrays x0 (1, n1, n2), cond (4, n1, n2), mask (1, n1, n2), the
+    conditioning factor scale = √((n1/m1)·(n2/m2)) (the physical in-plane upscaling; = n/m for square maps),
+    lr_shape (m1, m2), lr_size = max(m1, m2) and norm.
+
+    Inference zero-fills m_a onto round(F·m_a) and feeds s = F; here the target grid is the stored n_a, so
+    n_a/m_a differs from F by the rounding of m_a (≤ F/(2·m_a) relative) and s is the factor actually applied.
     """
-    size = hr.shape[-1]
-    if hr.ndim != 2 or hr.shape[0] != size:
-        raise ValueError(f"expected a square 2D HR map, got shape {hr.shape}")
-    if not 1 <= int(lr_size) <= size:
-        raise ValueError(f"LR size must be between 1 and {size}, got {lr_size}")
-    lr = np.abs(kspace.downsample(hr.astype(np.float64), int(lr_size)))
-    cond, norm, _ = prep.model_inputs(lr[None], mask[None] > 0, t1[None], flair[None], size)
+    if hr.ndim != 2:
+        raise ValueError(f"expected a 2D HR map, got shape {hr.shape}")
+    n1, n2 = hr.shape
+    if factor is not None:
+        m1, m2 = lr_matrix(hr.shape, factor)
+    elif lr_size is None:
+        raise ValueError("make_example needs lr_size or factor")
+    elif np.ndim(lr_size) == 0:
+        if n1 != n2:
+            raise ValueError(f"an int LR size needs a square HR map, got shape {hr.shape}; pass (m1, m2) or factor")
+        m1 = m2 = int(lr_size)
+    else:
+        m1, m2 = (int(v) for v in lr_size)
+    for m, n in ((m1, n1), (m2, n2)):
+        if not 1 <= m <= n:
+            raise ValueError(f"LR size must be between 1 and {n}, got {m}")
+    lr = np.abs(kspace.downsample(hr.astype(np.float64), (m1, m2)))
+    cond, norm, _ = prep.model_inputs(lr[None], mask[None] > 0, t1[None], flair[None], (n1, n2))
     norm = float(norm[0]) if norm[0] > 0 else 1.0  # an all-zero map has no scale; keep it at zero
     m = mask.astype(np.float32)
     return {"x0": (hr * m / norm)[None].astype(np.float32), "cond": cond[0].numpy(), "mask": m[None],
-            "scale": size / int(lr_size), "lr_size": int(lr_size), "norm": norm}
+            "scale": float(np.sqrt((n1 / m1) * (n2 / m2))), "lr_size": max(m1, m2), "lr_shape": (m1, m2),
+            "norm": norm}
+
+
+def _tile_window(n: int, tile: int, centre: int, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(start in the slice, start in the tile) along one axis: crop around `centre` if n > tile, pad if smaller."""
+    if n <= tile:
+        return 0, (int(rng.integers(0, tile - n + 1)) if rng is not None else (tile - n) // 2)
+    return int(np.clip(centre - tile // 2, 0, n - tile)), 0
+
+
+def tile_example(example: dict[str, Any], tile: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """Cut a tile×tile window from a full-slice example (after LR/cond were derived on the whole slice).
+
+    Larger axes are cropped: with rng around a random mask voxel (± tile/4), without rng around the middle of
+    the mask; smaller axes are zero-padded (padding has mask 0 and cond 0), at a random offset with rng.
+    """
+    mask = example["mask"][0] > 0
+    n1, n2 = mask.shape
+    if (n1, n2) == (tile, tile):
+        return example
+    inside = np.argwhere(mask)
+    if inside.size == 0:
+        centre = (n1 // 2, n2 // 2)
+    elif rng is None:
+        centre = tuple((inside.min(axis=0) + inside.max(axis=0) + 1) // 2)
+    else:
+        centre = tuple(inside[int(rng.integers(len(inside)))] + rng.integers(-(tile // 4), tile // 4 + 1, size=2))
+    (a1, b1), (a2, b2) = (_tile_window(n, tile, int(c), rng) for n, c in zip((n1, n2), centre))
+    h1, h2 = min(n1, tile), min(n2, tile)
+
+    def cut(arr: np.ndarray) -> np.ndarray:
+        out = np.zeros(arr.shape[:-2] + (tile, tile), dtype=arr.dtype)
+        out[..., b1:b1 + h1, b2:b2 + h2] = arr[..., a1:a1 + h1, a2:a2 + h2]
+        return out
+
+    return {**example, "x0": cut(example["x0"]), "cond": cut(example["cond"]), "mask": cut(example["mask"]),
+            "tile_origin": (a1 - b1, a2 - b2)}
 
 
 class SliceDataset(Dataset):
-    """2D examples (slice × metabolite) of patients on a 64×64 map grid, as the paper trains (§1–2).
+    """2D examples (slice × metabolite) of patients on any in-plane map grid, as tiles of image_size².
 
-    An index is an int (LR size: the fixed one, else a random draw from lr_sizes) or a pair (int, m) as
-    yielded by LRSizeBatchSampler, which gives every example of a batch the same m (paper: one m per batch).
+    Each example is derived on the full slice (make_example: LR by k-space truncation, zero-fill, scale),
+    then cut to an image_size×image_size tile (tile_example; image_size=None keeps the full slice). For 64×64
+    maps and image_size 64 this is the paper's setting (§1–2) unchanged.
+
+    An index is an int, a pair (int, m) with an int LR size m (as LRSizeBatchSampler yields: factor F =
+    image_size / m, i.e. exactly m×m for 64×64 maps), or a pair (int, F) with a float factor. A plain int uses
+    the fixed lr_size, else draws per example: m from lr_sizes (factor_range None) or F ~ U(factor_range).
     """
 
     def __init__(self, patients: Sequence[Patient], metabolites: Sequence[str] | None = None,
                  lr_size: int | None = None, lr_sizes: Sequence[int] = LR_SIZES, augment: bool = False,
-                 max_shift: int = 3, min_mask_fraction: float = 0.05, image_size: int = 64, seed: int = 0):
+                 max_shift: int = 3, min_mask_fraction: float = 0.05, image_size: int | None = 64, seed: int = 0,
+                 factor_range: tuple[float, float] | None = None):
         if not patients:
             raise ValueError("SliceDataset needs at least one patient")
+        if image_size is not None and int(image_size) < 8:
+            raise ValueError(f"image_size (tile) must be ≥ 8 or None, got {image_size}")
+        if factor_range is not None and not 1.0 <= factor_range[0] <= factor_range[1]:
+            raise ValueError(f"factor_range must be (low, high) with 1 ≤ low ≤ high, got {factor_range}")
         self.metabolites = tuple(metabolites) if metabolites is not None else tuple(patients[0].maps)
         self.lr_sizes = tuple(int(m) for m in lr_sizes)
-        self.augment, self.max_shift, self.image_size = augment, int(max_shift), int(image_size)
+        self.factor_range = None if factor_range is None else (float(factor_range[0]), float(factor_range[1]))
+        self.augment, self.max_shift = augment, int(max_shift)
+        self.image_size = None if image_size is None else int(image_size)
         self.rng = np.random.default_rng(seed)
         self._volumes = [self._prepare(p) for p in patients]
         self.index: list[tuple[int, int, str]] = []
@@ -355,38 +464,54 @@ class SliceDataset(Dataset):
         """Map-grid volumes of one patient: maps, M = quality ∧ brain, T1/FLAIR in [0, 1] over the whole grid
         (as volume.prepare_mri at inference)."""
         p = to_map_grid(patient)
-        if p.shape[:2] != (self.image_size, self.image_size):
-            raise ValueError(f"patient {p.patient_id}: map grid {p.shape}; expected "
-                             f"{self.image_size}×{self.image_size} in-plane")
         missing = [m for m in self.metabolites if m not in p.maps]
         if missing:
             raise ValueError(f"patient {p.patient_id}: no map for {missing}; expected {list(self.metabolites)}")
+        if min(p.shape[:2]) < 2 * MIN_LR_MATRIX:
+            raise ValueError(f"patient {p.patient_id}: map grid {p.shape}; expected at least "
+                             f"{2 * MIN_LR_MATRIX}×{2 * MIN_LR_MATRIX} in-plane")
         brain = p.brain_mask.astype(bool)
         return {"id": p.patient_id, "maps": p.maps, "mask": p.quality_mask.astype(bool) & brain,
                 "t1": prep.unit_range(p.t1), "flair": prep.unit_range(p.flair)}
 
     def set_lr_size(self, lr_size: int | None) -> None:
-        """Fix the LR matrix size m for every int index (None: draw from lr_sizes per example)."""
-        if lr_size is not None and not 1 <= int(lr_size) <= self.image_size:
-            raise ValueError(f"LR size must be between 1 and {self.image_size}, got {lr_size}")
+        """Fix the LR matrix size m for every int index (None: draw per example)."""
+        limit = self.image_size or 10**6
+        if lr_size is not None and not 1 <= int(lr_size) <= limit:
+            raise ValueError(f"LR size must be between 1 and {limit}, got {lr_size}")
         self.lr_size = None if lr_size is None else int(lr_size)
+
+    def draw_factor(self, rng: np.random.Generator) -> int | float:
+        """One LR size m (int, from lr_sizes) or factor F (float, U(factor_range)), as this dataset trains."""
+        if self.factor_range is None:
+            return int(rng.choice(self.lr_sizes))
+        return float(rng.uniform(*self.factor_range))
+
+    def _factor_of(self, spec: int | float, shape: tuple[int, int]) -> float:
+        if isinstance(spec, (int, np.integer)):  # an LR size relative to the tile (or the larger axis)
+            return (self.image_size or max(shape)) / int(spec)
+        return float(spec)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, item) -> dict[str, Any]:
-        i, m = item if isinstance(item, tuple) else (item, self.lr_size)
-        if m is None:
-            m = int(self.rng.choice(self.lr_sizes))
+        i, spec = item if isinstance(item, tuple) else (item, self.lr_size)
+        if spec is None:
+            spec = self.draw_factor(self.rng)
         pi, z, name = self.index[int(i)]
         vol = self._volumes[pi]
         images = [vol["maps"][name][:, :, z], vol["mask"][:, :, z], vol["t1"][:, :, z], vol["flair"][:, :, z]]
-        if self.augment:
+        if self.augment:  # on the full slice, before the degradation: a rotated/shifted acquisition
             images = augment(images, self.rng, self.max_shift)
-        ex = make_example(*images, lr_size=m)
+        ex = make_example(*images, factor=self._factor_of(spec, images[0].shape))
+        if self.image_size is not None:
+            ex = tile_example(ex, self.image_size, self.rng if self.augment else None)
         return {"x0": torch.from_numpy(ex["x0"]), "cond": torch.from_numpy(ex["cond"]),
                 "mask": torch.from_numpy(ex["mask"]), "scale": ex["scale"], "lr_size": ex["lr_size"],
-                "norm": ex["norm"], "patient": vol["id"], "slice": int(z), "metabolite": name}
+                "lr_shape": ex["lr_shape"], "tile_origin": ex.get("tile_origin", (0, 0)), "norm": ex["norm"],
+                "patient": vol["id"], "slice": int(z),
+                "metabolite": name}
 
 
 def seed_worker(worker_id: int) -> None:
@@ -428,32 +553,48 @@ class LRSizeBatchSampler(Sampler):
 
 # ------------------------------------------------------------------------------------------- training
 class BatchSource:
-    """Random training batches of a SliceDataset: one LR size per batch (paper), reproducible from a generator."""
+    """Random training batches of a SliceDataset: one LR size m or factor F per batch (paper: one m per batch),
+    reproducible from a generator."""
 
     def __init__(self, dataset: SliceDataset):
         self.dataset = dataset
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """dict(x0 (B,1,H,W), cond (B,4,H,W), scale (B,)) drawn with `generator` (indices, m, augmentation)."""
+        """dict(x0 (B,1,T,T), cond (B,4,T,T), scale (B,)) drawn with `generator` (indices, m/F, augmentation)."""
         ds = self.dataset
-        m = ds.lr_sizes[int(torch.randint(len(ds.lr_sizes), (1,), generator=generator))]
+        if ds.factor_range is None:
+            spec = ds.lr_sizes[int(torch.randint(len(ds.lr_sizes), (1,), generator=generator))]
+        else:
+            lo, hi = ds.factor_range
+            spec = float(lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64))
         idx = torch.randint(len(ds), (int(batch_size),), generator=generator).tolist()
         ds.rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-        items = [ds[(i, m)] for i in idx]
+        items = [ds[(i, spec)] for i in idx]
         return {"x0": torch.stack([it["x0"] for it in items]), "cond": torch.stack([it["cond"] for it in items]),
                 "scale": torch.tensor([it["scale"] for it in items], dtype=torch.float32)}
 
 
-def training_sources(root: str | Path, fold: int = 0, seed: int = 0, k: int = 5) -> tuple[BatchSource, BatchSource, dict]:
-    """(train, validation, info) batch sources of a dataset folder for patient-level fold `fold` of k."""
+def is_legacy_grid(patients: Sequence[Patient], size: int = 64) -> bool:
+    """True when every patient is on the paper's size×size in-plane grid (then LR sizes m = 8…32 are drawn)."""
+    return all(tuple(p.shape[:2]) == (size, size) for p in patients)
+
+
+def training_sources(root: str | Path, fold: int = 0, seed: int = 0, k: int = 5,
+                     tile: int = 64) -> tuple[BatchSource, BatchSource, dict]:
+    """(train, validation, info) batch sources of a dataset folder for patient-level fold `fold` of k, giving
+    tile×tile examples."""
     root = Path(root)
     ids = list_patients(root)
     if len(ids) < 3:
         raise ValueError(f"{root}: {len(ids)} patient folder(s); expected at least 3 (train/validation/test)")
     train_ids, val_ids, test_ids = patient_folds(ids, k=min(k, len(ids)), fold=fold, seed=seed)
-    train = SliceDataset(load_dataset(root, train_ids), augment=True, seed=seed)
-    val = SliceDataset(load_dataset(root, val_ids), augment=False, seed=seed + 1)
-    info = {"dataset": str(root), "fold": fold, "folds": min(k, len(ids)), "split_seed": seed,
+    train_patients, val_patients = load_dataset(root, train_ids), load_dataset(root, val_ids)
+    # The paper's 64×64 phantoms keep m = 8…32 per batch; any other grid draws F ~ U(2, 8) per batch.
+    factors = None if is_legacy_grid(train_patients + val_patients) else TRAINING_FACTORS
+    train = SliceDataset(train_patients, augment=True, seed=seed, image_size=tile, factor_range=factors)
+    val = SliceDataset(val_patients, augment=False, seed=seed + 1, image_size=tile, factor_range=factors)
+    info = {"dataset": str(root), "fold": fold, "folds": min(k, len(ids)), "split_seed": seed, "tile": tile,
+            "factor_range": list(factors) if factors else None, "lr_sizes": None if factors else list(LR_SIZES),
             "train": train_ids, "validation": val_ids, "test": test_ids,
             "train_examples": len(train), "validation_examples": len(val)}
     return BatchSource(train), BatchSource(val), info

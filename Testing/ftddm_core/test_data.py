@@ -1,6 +1,7 @@
 """Dataset on disk, loader validation, physical-space resampling, 2D examples, batches and patient folds."""
 import json
 import shutil
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -232,10 +233,125 @@ def test_batches_share_one_lr_size(loaded):
 
 
 def test_dataset_rejects_wrong_grid(loaded):
+    # Any in-plane grid is accepted now (examples are tiled); a grid too small for a 4×4 LR is refused.
+    tiny = replace(loaded[0], maps={m: v[:6, :6] for m, v in loaded[0].maps.items()}, t1=loaded[0].t1[:6, :6],
+                   flair=loaded[0].flair[:6, :6], quality_mask=loaded[0].quality_mask[:6, :6],
+                   brain_mask=loaded[0].brain_mask[:6, :6])
     with pytest.raises(ValueError, match="in-plane"):
-        data.SliceDataset(loaded, image_size=32)
+        data.SliceDataset([tiny])
     with pytest.raises(ValueError, match="LR size"):
         data.make_example(np.zeros((64, 64)), np.ones((64, 64)), np.zeros((64, 64)), np.zeros((64, 64)), 65)
+    with pytest.raises(ValueError, match="square"):
+        data.make_example(np.zeros((40, 64)), np.ones((40, 64)), np.zeros((40, 64)), np.zeros((40, 64)), 16)
+
+
+# ------------------------------------------------------------------------------------- any grid, tiles
+def synthetic_patient(shape, seed=0, gain=1.0):
+    """A patient on an arbitrary map grid (T1/FLAIR on the same grid): smooth map, elliptic brain."""
+    rng = np.random.default_rng(seed)
+    n1, n2, s = shape
+    x, y = np.meshgrid(np.linspace(-1, 1, n1), np.linspace(-1, 1, n2), indexing="ij")
+    brain = np.repeat(((x / 0.8) ** 2 + (y / 0.7) ** 2 < 1)[:, :, None], s, axis=2)
+    maps = {m: (gain * (ndimage_smooth(rng.random(shape)) * brain + 3 * (~brain) * rng.random(shape))).astype(np.float32)
+            for m in ("NAA", "tCho")}
+    t1 = (brain * (0.5 + rng.random(shape))).astype(np.float32)
+    aff = np.diag([5.0, 5.0, 6.0, 1.0])
+    return phantom.Patient("syn", maps, aff, t1, t1.copy(), aff.copy(), brain.copy(), brain.copy())
+
+
+def ndimage_smooth(a):
+    from scipy import ndimage
+    return ndimage.gaussian_filter(a, 2.0) * 10
+
+
+@pytest.mark.parametrize("shape,tile", [((45, 71, 3), 64), ((27, 33, 3), 64), ((80, 58, 3), 32)])
+def test_tiles_of_any_grid_hold_the_global_derivation(shape, tile):
+    p = synthetic_patient(shape)
+    ds = data.SliceDataset([p], image_size=tile, augment=False, factor_range=(2, 8))
+    for factor in (2.0, 3.3, 8.0):
+        ex = ds[(1, factor)]
+        name, z = ex["metabolite"], ex["slice"]
+        hr, mask = p.maps[name][:, :, z].astype(np.float64), p.quality_mask[:, :, z]
+        m = tuple(max(int(np.floor(n / factor + 0.5)), 4) for n in shape[:2])
+        assert ex["lr_shape"] == m and ex["x0"].shape == (1, tile, tile) and ex["cond"].shape == (4, tile, tile)
+        assert ex["scale"] == pytest.approx(np.sqrt(shape[0] * shape[1] / (m[0] * m[1])))
+        # the LR of the whole slice (lipid and all), zero-filled onto the full slice, then the same window
+        lr_zf = np.abs(kspace.zero_fill(np.abs(kspace.downsample(hr, m)), shape[:2]))
+        o1, o2 = ex["tile_origin"]
+        full = np.zeros((tile, tile)), np.zeros((tile, tile)), np.zeros((tile, tile))
+        for dst, src in zip(full, (lr_zf, hr * mask, mask)):
+            for i in range(tile):
+                for j in range(tile):
+                    if 0 <= i + o1 < shape[0] and 0 <= j + o2 < shape[1]:
+                        dst[i, j] = src[i + o1, j + o2]
+        np.testing.assert_allclose(ex["cond"][0].numpy() * ex["norm"], full[0], rtol=1e-4, atol=1e-4 * lr_zf.max())
+        np.testing.assert_allclose(ex["x0"][0].numpy() * ex["norm"], full[1], rtol=1e-5, atol=1e-5 * hr.max())
+        np.testing.assert_array_equal(ex["cond"][1].numpy(), full[2])
+        # scale from the whole slice's LR inside M, never from the HR map
+        assert ex["norm"] == pytest.approx(np.percentile(lr_zf[mask], 99.5), rel=1e-5)
+        assert ex["mask"].sum() > 0
+
+
+def test_random_tiles_prefer_the_mask_and_batches_are_reproducible():
+    p = synthetic_patient((80, 76, 4), seed=1)
+    ds = data.SliceDataset([p], image_size=32, augment=True, factor_range=(2, 8))
+    src = data.BatchSource(ds)
+    a = src.sample_batch(6, torch.Generator().manual_seed(3))
+    b = src.sample_batch(6, torch.Generator().manual_seed(3))
+    assert a["x0"].shape == (6, 1, 32, 32) and a["cond"].shape == (6, 4, 32, 32) and a["scale"].shape == (6,)
+    assert all(v.dtype == torch.float32 for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert len(set(a["scale"].tolist())) >= 1 and 1.9 < float(a["scale"].min()) and float(a["scale"].max()) < 9
+    assert all(float(c[1].mean()) > 0.2 for c in a["cond"])  # crops land on the brain (mask)
+    factors = {round(float(src.sample_batch(1, torch.Generator().manual_seed(s))["scale"][0]), 1) for s in range(8)}
+    assert len(factors) > 4  # F ~ U(2, 8) per batch
+
+
+def test_gain_does_not_change_the_normalised_example():
+    from ftddm_core import invivo
+
+    seed = phantom.patient_seed(4, 0)
+    a = invivo.make_invivo_patient(seed, gain=1.0)
+    b = invivo.make_invivo_patient(seed, gain=2500.0)
+    da = data.SliceDataset([a], image_size=48, augment=True, seed=5, factor_range=(2, 8))
+    db = data.SliceDataset([b], image_size=48, augment=True, seed=5, factor_range=(2, 8))
+    for i in (0, len(da) // 2, len(da) - 1):
+        ea, eb = da[(i, 3.0)], db[(i, 3.0)]
+        assert eb["norm"] == pytest.approx(2500.0 * ea["norm"], rel=1e-5)
+        torch.testing.assert_close(ea["x0"], eb["x0"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ea["cond"], eb["cond"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def invivo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("invivo_ds")
+    data.write_phantom_dataset(root, patients=3, seed=2, realism="invivo", kind="mixed")
+    return root
+
+
+def test_invivo_dataset_on_disk_and_training_sources(invivo_dir):
+    meta = data.read_dataset_json(invivo_dir)
+    assert meta["units"] == "a.u." and meta["kind"] == "mixed" and meta["generator"] == "ftddm_core.invivo"
+    p = data.load_patient(invivo_dir / "sub-001")
+    assert p.shape[:2] != (64, 64) and (p.maps["NAA"][~p.brain_mask] != 0).any()  # acquired map, lipid kept
+    train, val, info = data.training_sources(invivo_dir, fold=0, seed=0)
+    assert info["factor_range"] == [2.0, 8.0] and info["tile"] == 64
+    batch = train.sample_batch(4, torch.Generator().manual_seed(0))
+    assert batch["x0"].shape == (4, 1, 64, 64) and batch["cond"].shape == (4, 4, 64, 64)
+    # the target is the stored map × M (lipid excluded): zero wherever the mask channel is zero
+    assert torch.all(batch["x0"][:, 0][batch["cond"][:, 1] == 0] == 0)
+    assert val.sample_batch(2, torch.Generator().manual_seed(0))["scale"].shape == (2,)
+
+
+def test_units_must_be_known(invivo_dir, tmp_path):
+    meta = json.loads((invivo_dir / "dataset.json").read_text())
+    meta["units"] = "g/L"
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="units"):
+        data.read_dataset_json(tmp_path)
+    with pytest.raises(ValueError, match="realism"):
+        data.write_phantom_dataset(tmp_path / "x", patients=1, realism="photoreal")
 
 
 # ------------------------------------------------------------------------------------------- folds

@@ -143,3 +143,160 @@ def test_bad_arguments():
 def test_plot_patients_writes_png(cohort, tmp_path):
     path = phantom.plot_patients(cohort, tmp_path / "fig.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+# ------------------------------------------------------------------------------- in-vivo-like generator
+from ftddm_core import invivo, kspace  # noqa: E402
+
+INVIVO_SEED = 11
+
+
+@pytest.fixture(scope="module")
+def scans():
+    """Two in-vivo-like patients and the first one again without measurement noise."""
+    seeds = [phantom.patient_seed(INVIVO_SEED, i) for i in range(2)]
+    noisy = [invivo.make_invivo_patient(s) for s in seeds]
+    clean = invivo.make_invivo_patient(seeds[0], noise=False)
+    return noisy, clean
+
+
+def test_acquired_map_is_the_centred_kspace_block_of_the_truth():
+    # Independent of ftddm_core.kspace: numpy FFT of the fine truth, keep the symmetric centred block, invert.
+    rng = np.random.default_rng(0)
+    for matrix in ((25, 32), (32, 25), (24, 24)):
+        fine = (2 * matrix[0], 2 * matrix[1])
+        truth = ndimage.gaussian_filter(rng.random(fine), 1.0)
+        acquired = invivo.acquire(truth, matrix, "none")
+        assert acquired.shape == matrix and np.isrealobj(acquired)
+        k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(truth)))
+        keep = np.ones(fine, dtype=bool)
+        for axis, (n, big) in enumerate(zip(matrix, fine)):
+            freq = np.arange(big) - big // 2
+            band = (freq >= -((n - 1) // 2)) & (freq <= (n - 1) // 2)  # even n: the unpaired −n/2 line is dropped
+            keep &= band[:, None] if axis == 0 else band[None, :]
+        expected = np.real(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k * keep))))
+        np.testing.assert_allclose(np.real(kspace.zero_fill(acquired, fine)), expected, atol=1e-10)
+        outside = np.abs(kspace.fft2c(kspace.zero_fill(acquired, fine)))[~keep]
+        assert outside.max() < 1e-10 * np.abs(k).max()  # band-limited to the acquisition block
+
+
+def fwhm_voxels(profile: np.ndarray, upsample: int) -> float:
+    peak = profile.max()
+    above = np.flatnonzero(profile >= peak / 2)
+    return (above[-1] - above[0] + 1) / upsample
+
+
+def test_hamming_widens_the_point_spread_as_expected():
+    # Harris, Proc. IEEE 66:51–83 (1978): −6 dB main-lobe width 1.21 bins (rectangular) and 1.81 (Hamming).
+    n, ss, up = 64, 2, 16
+    truth = np.zeros((ss * n, ss * n))
+    truth[n, n] = 1.0  # the fine FFT centre coincides with map voxel n//2
+    widths = {}
+    for window in ("none", "hamming"):
+        psf = invivo.acquire(truth, (n, n), window)
+        dense = np.real(kspace.zero_fill(psf, (up * n, up * n)))
+        widths[window] = fwhm_voxels(dense[:, up * n // 2], up)
+    assert widths["none"] == pytest.approx(1.21, abs=0.08)
+    assert widths["hamming"] == pytest.approx(1.81, abs=0.08)
+    assert widths["hamming"] / widths["none"] == pytest.approx(1.5, abs=0.1)
+
+
+def test_kspace_noise_has_the_requested_image_sd():
+    rng = np.random.default_rng(1)
+    for window in ("none", "hamming"):
+        noise = invivo.kspace_noise(rng, (40, 33, 41), window, 2.5)
+        assert noise.std() == pytest.approx(2.5, rel=0.03)
+        corr = np.mean(noise[:, 1:] * noise[:, :-1]) / noise.var()
+        assert (corr > 0.2) if window == "hamming" else (abs(corr) < 0.05)  # the filter correlates neighbours
+
+
+def test_acquisition_ranges_and_kinds():
+    rng = np.random.default_rng(2)
+    draws = [invivo.draw_acquisition(rng) for _ in range(300)]
+    matrices = np.array([d["matrix"] for d in draws])
+    voxels = np.array([d["voxel_mm"][0] for d in draws])
+    assert matrices.min() >= 24 and matrices.max() <= 80
+    assert matrices.min() <= 30 and matrices.max() >= 76  # the whole range is covered
+    assert (matrices % 2 == 1).any() and (matrices % 2 == 0).any() and (matrices[:, 0] != matrices[:, 1]).mean() > 0.5
+    assert 2.5 <= voxels.min() <= 3.0 and 6.5 <= voxels.max() <= 7.0
+    fov = matrices * voxels[:, None]
+    assert np.median(fov) > 170 and np.percentile(fov, 5) > 110 and fov.max() < 290
+    snr = np.array([v for d in draws for v in d["snr"].values()])
+    assert 5 <= snr.min() < 6 and 35 < snr.max() <= 40
+    assert {d["window"] for d in draws} == {"none", "hamming"}
+    gains = np.array([d["gain"] for d in draws])
+    assert 0.1 <= gains.min() < 1 and 1e3 < gains.max() <= 1e4
+    slab = np.array([d["slices"] * d["slice_mm"] for d in draws])
+    assert all(3 <= d["slices"] <= 16 and 3 <= d["slice_mm"] <= 10 for d in draws) and slab.max() < 120
+    for _ in range(30):
+        rect = invivo.draw_acquisition(rng, "rectangular")
+        assert abs(rect["matrix"][0] - rect["matrix"][1]) >= 6
+        assert invivo.draw_acquisition(rng, "5mm")["voxel_mm"] == [5.0, 5.0]
+        assert max(invivo.draw_acquisition(rng, "noisy")["snr"].values()) <= 10
+    with pytest.raises(ValueError, match="kind"):
+        invivo.draw_acquisition(rng, "weird")
+
+
+def test_invivo_geometry_is_oblique_and_t1_covers_the_slab(scans):
+    for p in scans[0]:
+        acq = p.info["acquisition"]
+        assert p.shape == (*acq["matrix"], acq["slices"])
+        np.testing.assert_allclose(np.linalg.norm(p.affine[:3, :3], axis=0), [*acq["voxel_mm"], acq["slice_mm"]])
+        normal = p.affine[:3, 2] / acq["slice_mm"]  # slice axis = third array axis
+        expected = invivo.rotation_lr_ap(*acq["tilt_deg_lr_ap"]) @ [0, 0, 1]
+        np.testing.assert_allclose(normal, expected, atol=1e-9)
+        assert 0.5 < np.degrees(np.arccos(normal[2])) < 29  # oblique, at most the two ±20° tilts
+        covered = data.resample_to_grid((p.t1 > 0).astype(np.float32), p.mri_affine, p.affine, p.shape) >= 0.5
+        assert (covered == p.brain_mask).mean() > 0.95 and p.brain_mask.sum() > 500
+
+
+def test_invivo_measured_snr_matches_the_drawn_one(scans):
+    (p, _), clean = scans
+    acq = p.info["acquisition"]
+    outside = ~ndimage.binary_dilation(p.brain_mask, iterations=1)  # white k-space noise only (B0 noise is in-brain)
+    for name in METABOLITES:
+        noise = (p.maps[name] - clean.maps[name])[outside]
+        snr = clean.maps[name][p.brain_mask].mean() / noise.std()
+        assert 5 <= acq["snr"][name] <= 40
+        assert snr == pytest.approx(acq["snr"][name], rel=0.1), name
+    np.testing.assert_array_equal(p.affine, clean.affine)
+    np.testing.assert_array_equal(p.t1, clean.t1)  # noise draws never change the rest of the patient
+
+
+def test_invivo_quality_mask_excludes_lipid_ring_b0_and_low_snr(scans):
+    for p in scans[0]:
+        q, brain, g = p.quality_mask, p.brain_mask, p.info["acquisition"]["gain"]
+        assert q.sum() > 0.3 * brain.sum() and not (q & ~brain).any()
+        assert not (q & (p.tissue["lipid"] > 0.05)).any() and not (q & (p.tissue["b0"] >= 0.3)).any()
+        ring = p.tissue["lipid"] > 0.5
+        naa = p.maps["NAA"]
+        assert ring.sum() > 50 and np.abs(naa[ring]).mean() > 0.5 * naa[brain].mean()  # lipid is in the data
+        peak = np.max([p.maps[m][q] / p.info["noise_sd"][m] for m in invivo.SNR_PEAKS], axis=0)
+        assert np.all(peak >= invivo.SNR_THRESHOLD)
+        assert p.info["units"] == "a.u." and 0.1 <= g <= 1e4
+
+
+def test_invivo_weaker_gm_wm_contrast_than_legacy(scans):
+    # Tissue regression on the noise-free acquired map: the GM/WM ratio sits between 1 and the legacy one.
+    p = scans[1]
+    normal = p.brain_mask & (p.lesion == 0) & (p.tissue["b0"] == 0)
+    design = np.stack([p.tissue[t][normal] for t in ("gm", "wm", "csf")], axis=1)
+    c_gm, c_wm, _ = np.linalg.lstsq(design, p.maps["tCr"][normal], rcond=None)[0]
+    lo_gm, hi_gm = phantom.NORMAL_CONCENTRATIONS_MM["tCr"]["gm"]
+    lo_wm, hi_wm = phantom.NORMAL_CONCENTRATIONS_MM["tCr"]["wm"]
+    assert 1.0 < c_gm / c_wm < (lo_gm + hi_gm) / (lo_wm + hi_wm)
+
+
+def test_invivo_determinism_and_gain():
+    seed = phantom.patient_seed(INVIVO_SEED, 5)
+    a, b = invivo.make_invivo_patient(seed, kind="rectangular"), invivo.make_invivo_patient(seed, kind="rectangular")
+    c = invivo.make_invivo_patient(phantom.patient_seed(INVIVO_SEED, 6), kind="rectangular")
+    for name in METABOLITES:
+        np.testing.assert_array_equal(a.maps[name], b.maps[name])
+    for f in ("t1", "flair", "quality_mask", "brain_mask", "lesion", "affine", "mri_affine"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert a.info == b.info and a.shape != c.shape or not np.array_equal(a.maps["NAA"], c.maps["NAA"])
+    assert abs(a.shape[0] - a.shape[1]) >= 6
+    scaled = invivo.make_invivo_patient(seed, kind="rectangular", gain=a.info["acquisition"]["gain"] * 1000)
+    np.testing.assert_allclose(scaled.maps["NAA"], a.maps["NAA"] * 1000, rtol=1e-5, atol=1e-6 * np.abs(scaled.maps["NAA"]).max())
+    np.testing.assert_array_equal(scaled.quality_mask, a.quality_mask)
