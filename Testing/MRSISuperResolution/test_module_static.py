@@ -8,13 +8,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import shared_folder
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "MRSISuperResolution"
 MODULE_FILE = MODULE / "MRSISuperResolution.py"
 UI_FILE = MODULE / "Resources" / "UI" / "MRSISuperResolution.ui"
-CHECKER = REPO.parent / "shared" / "tools" / "check_slicer_api.py"
-API = REPO.parent / "shared" / "reference" / "slicer_api.json"
+SHARED = shared_folder() or REPO.parent / "shared"
+CHECKER = SHARED / "tools" / "check_slicer_api.py"
+API = SHARED / "reference" / "slicer_api.json"
 
 
 def cmake_list(text: str, variable: str, module_name: str = "MRSISuperResolution") -> list[str]:
@@ -133,8 +135,9 @@ def test_node_selectors_are_wired_to_the_scene_and_typed():
 
 def test_every_ui_attribute_used_in_code_exists_in_the_ui():
     _, widgets = ui_widgets()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
-    collapsibles = re.findall(r'"(\w+CollapsibleButton)"', MODULE_FILE.read_text())
+    code = "".join(p.read_text() for p in [MODULE_FILE, *(MODULE / "MRSISuperResolutionLib").glob("*.py")])
+    used = set(re.findall(r"self\.ui\.(\w+)", code))
+    collapsibles = re.findall(r'"(\w+CollapsibleButton)"', code)
     assert used | set(collapsibles) <= set(widgets), (used | set(collapsibles)) - set(widgets)
 
 
