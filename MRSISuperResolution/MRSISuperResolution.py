@@ -20,12 +20,12 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Validator, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MRSISuperResolutionLib import dependencies, geometry, inputs, layouts, mrml, runner
+from MRSISuperResolutionLib import dependencies, geometry, inputs, mrml, resultviews, runner
 from MRSISuperResolutionLib.readerstudylogic import ReaderStudyDisplay
 from MRSISuperResolutionLib.readerstudywidget import ReaderStudyPanel, defaultStudyFolder, isUnsetFolder
 from MRSISuperResolutionLib.runhandle import RunHandle
@@ -109,6 +109,17 @@ def registerSampleData():
 #
 # Parameter node
 #
+class ZeroOrWithinRange(Validator):
+    """0 (= automatic) or a value in [minimum, maximum]: what the engine accepts for `factor`."""
+
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+    def validate(self, value):
+        if value != 0 and not self.minimum <= value <= self.maximum:
+            raise ValueError(f"Value must be 0 (automatic) or in [{self.minimum}, {self.maximum}], got {value}")
+
+
 @parameterNodeWrapper
 class MRSISuperResolutionParameterNode:
     """Everything the GUI sets; saved with the scene, so a reading or a run can be reproduced."""
@@ -123,7 +134,7 @@ class MRSISuperResolutionParameterNode:
     autoScale: bool = True
     scale: Annotated[float, WithinRange(2.0, 8.0)] = 4.0
     # in-plane output factor F (output matrix round(F·m) per axis); 0 = automatic (64 / m, the model grid)
-    factor: Annotated[float, WithinRange(0.0, 8.0)] = 0.0
+    factor: Annotated[float, ZeroOrWithinRange(2.0, 8.0)] = 0.0
     tauD: Annotated[float, WithinRange(0.0, 2.0)] = 0.9
     tauF: Annotated[float, WithinRange(0.0, 2.0)] = 0.9
     sampler: Annotated[str, Choice(list(SAMPLERS))] = "dpmpp"
@@ -566,46 +577,16 @@ class MRSISuperResolutionLogic(ScriptedLoadableModuleLogic):
                 results.append(OutputNodes(out["sr"], out["zerofilled"], out["uncertainty"]))
         return results
 
-    # --- display -------------------------------------------------------------------------------------------
+    # --- display (MRSISuperResolutionLib.resultviews) -----------------------------------------------------------
     @staticmethod
-    def _alignViewsTo(volumeNode, viewNames):
-        lm = slicer.app.layoutManager()
-        for name in viewNames:
-            widget = lm.sliceWidget(name)
-            if widget is None:
-                continue
-            widget.mrmlSliceNode().RotateToVolumePlane(volumeNode)
-            widget.fitSliceToBackground()
-
-    def showOverlay(self, srNode, backgroundNode, opacity=0.6):
+    def showOverlay(srNode, backgroundNode, opacity=0.6):
         """SR over T1 (or FLAIR) in the standard views, rotated to the MRSI slab, linked."""
-        if srNode is None:
-            raise ValueError(_("No super-resolved map yet: run Super-resolve first."))
-        slicer.util.setSliceViewerLayers(background=backgroundNode, foreground=srNode, foregroundOpacity=opacity)
-        lm = slicer.app.layoutManager()
-        names = list(lm.sliceViewNames())
-        self._alignViewsTo(srNode, names)
-        mrml.link_views([lm.sliceWidget(n).mrmlSliceCompositeNode() for n in names])
+        resultviews.show_overlay(srNode, backgroundNode, opacity)
 
-    def showCompareLayout(self, outputs, flairNode, orientation="Axial"):
+    @staticmethod
+    def showCompareLayout(outputs, flairNode, orientation="Axial"):
         """Zero-filled | SR | uncertainty | FLAIR in one row, linked: one slice offset moves all four."""
-        if outputs.sr is None:
-            raise ValueError(_("No super-resolved map yet: run Super-resolve first."))
-        lm = slicer.app.layoutManager()
-        mrml.register_layout(lm.layoutLogic().GetLayoutNode(), layouts.COMPARE_LAYOUT_ID,
-                             layouts.compare_layout_xml(orientation))
-        lm.setLayout(layouts.COMPARE_LAYOUT_ID)
-        shown = (outputs.zeroFilled, outputs.sr, outputs.uncertainty, flairNode)
-        names = [v.name for v in layouts.COMPARE_VIEWS]
-        composites = []
-        for name, node in zip(names, shown):
-            widget = lm.sliceWidget(name)
-            mrml.assign_layers(widget.mrmlSliceCompositeNode(), background=node)
-            composites.append(widget.mrmlSliceCompositeNode())
-        mrml.link_views(composites)
-        self._alignViewsTo(outputs.sr, names)
-        first = lm.sliceWidget(names[0]).sliceLogic()
-        mrml.move_linked_offset(first, first.GetSliceOffset())  # start every view on the same slice
+        resultviews.show_compare_layout(outputs.zeroFilled, outputs.sr, outputs.uncertainty, flairNode, orientation)
 
     # --- reader study (ReaderStudyDisplay in MRSISuperResolutionLib) -------------------------------------------
     def readerSources(self, slicesPerMap=0, seed=0):

@@ -60,6 +60,7 @@ def module(tmp_path_factory):
     stub("qt", QTimer=FakeTimer)
     stub("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s)
     stub("slicer.parameterNodeWrapper", Choice=marker, Decimals=marker, SingleStep=marker, WithinRange=marker,
+         Validator=object,
          parameterNodeWrapper=lambda cls: cls)
     stub("slicer.ScriptedLoadableModule", **{n: base(n) for n in (
         "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",

@@ -162,7 +162,7 @@ STUBS = textwrap.dedent("""
     slicer.i18n = module("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s)
     marker = lambda *a, **k: ("annotation", a)
     slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", Choice=marker, Decimals=marker,
-        SingleStep=marker, WithinRange=marker, parameterNodeWrapper=lambda cls: cls)
+        SingleStep=marker, WithinRange=marker, Validator=object, parameterNodeWrapper=lambda cls: cls)
     slicer.ScriptedLoadableModule = module("slicer.ScriptedLoadableModule", **{n: base(n) for n in (
         "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
         "ScriptedLoadableModuleWidget")})
