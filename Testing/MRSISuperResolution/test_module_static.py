@@ -198,3 +198,23 @@ def test_module_imports_without_installing_or_importing_torch():
     done = subprocess.run([sys.executable, "-c", STUBS, str(MODULE)], capture_output=True, text=True,
                           cwd=str(MODULE.parent.parent))
     assert "IMPORT-OK" in done.stdout, done.stdout + done.stderr
+
+
+# --- Extensions Index ---------------------------------------------------------------------------------------------
+CATALOG_FIELDS = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+                  "scm_type", "scm_url", "tier"}  # catalog entry schema v1.0.1 (additionalProperties: false)
+
+
+def test_extensions_index_entry_agrees_with_the_extension_cmake():
+    import json
+
+    entry = json.loads((REPO / "ExtensionsIndex" / "MRSISuperResolution.json").read_text())
+    assert set(entry) <= CATALOG_FIELDS, set(entry) - CATALOG_FIELDS
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert "catalog-entry-schema-v1.0.1" in entry["$schema"]
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', text).group(1)
+    assert entry["build_dependencies"] == re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', text).group(1).split()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', text).group(1)
+    assert entry["scm_url"].removesuffix(".git") == homepage  # one placeholder repository to fill, not two
+    assert entry["build_subdirectory"] == "." and (REPO / entry["build_subdirectory"] / "CMakeLists.txt").exists()
