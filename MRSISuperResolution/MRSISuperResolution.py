@@ -13,7 +13,6 @@ import shutil
 import sys
 from typing import Annotated
 
-import qt
 import vtk
 
 import slicer

@@ -45,7 +45,8 @@ def test_factor_is_passed_when_set_and_left_to_the_engine_when_automatic():
         SuperResolveParameters(factor=ok).validate()
     pipeline = pytest.importorskip("ftddm_core.pipeline")
     if "factor" in {f.name for f in dataclasses.fields(pipeline.SuperResolveOptions)}:
-        cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o", parameters=SuperResolveParameters(factor=3.0))
+        cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o",
+                                    parameters=SuperResolveParameters(factor=3.0))
         assert parse_with_engine(cmd[cmd.index("super-resolve"):]).factor == 3.0
 
 

@@ -70,6 +70,9 @@ def module(tmp_path_factory):
     had_app = hasattr(slicer, "app")
     slicer.app = app
     sys.path.insert(0, str(MODULE_DIR))
+    for name in ("readerstudylogic", "readerstudywidget", "resultviews", "runhandle"):
+        # helpers that bind qt/slicer at import: loaded again below, against these stubs
+        sys.modules.pop("MRSISuperResolutionLib." + name, None)
     try:
         mod = importlib.import_module("MRSISuperResolution")
         yield mod

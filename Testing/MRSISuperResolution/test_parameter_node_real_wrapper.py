@@ -26,6 +26,10 @@ if REAL_SLICER is None or not (REAL_SLICER / "parameterNodeWrapper" / "wrapper.p
 from MRSISuperResolutionLib.options import SAMPLERS, SuperResolveParameters  # noqa: E402
 
 REAL_MODULES = ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
+# module helpers that import qt/slicer at load time: imported afresh here, and dropped again afterwards, so
+# neither these stand-ins nor another test's stubs leak between test files
+SLICER_BOUND = tuple(f"MRSISuperResolutionLib.{n}" for n in ("readerstudylogic", "readerstudywidget", "resultviews",
+                                                               "runhandle"))
 # Qt widget classes of Slicer's qMRMLWidgets that the wrapper's GUI connectors name (absent from slicer-core)
 QMRML_WIDGETS = ("qMRMLNodeComboBox", "qMRMLRangeWidget", "qMRMLScreenShotDialog", "qMRMLSliderWidget",
                  "qMRMLSpinBox", "qMRMLUtils", "qMRMLWidget", "qSlicerWidget")
@@ -74,7 +78,8 @@ def real(tmp_path_factory):
     for name in widgets:
         setattr(slicer, name, _stand_in(name))
     slicer.__path__.append(str(REAL_SLICER))
-    sys.modules.pop("MRSISuperResolution", None)
+    for name in ("MRSISuperResolution", *SLICER_BOUND):
+        sys.modules.pop(name, None)
     warnings = _Warnings()
     logging.getLogger().addHandler(warnings)
     try:
@@ -90,6 +95,8 @@ def real(tmp_path_factory):
         for attr in ("i18n", "parameterNodeWrapper", "ScriptedLoadableModule", *widgets):
             if hasattr(slicer, attr):
                 delattr(slicer, attr)
+        for name in SLICER_BOUND:
+            sys.modules.pop(name, None)
         for name, previous in saved.items():
             if previous is None:
                 sys.modules.pop(name, None)
