@@ -137,8 +137,16 @@ def cmd_evaluate(args) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser (command=None), or one whose only fully built subcommand is `command`.
+
+    Building a subcommand's flags imports its options class; `train`'s pulls in the training losses
+    (pytorch_msssim), which a Slicer install that only runs inference does not have.
+    """
     from .config import PRESETS
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
 
     p = argparse.ArgumentParser(prog="ftddm", description="FTDDM super-resolution for MR spectroscopic imaging")
     p.add_argument("--version", action="version", version=f"ftddm {__version__}")
@@ -160,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_phantom)
 
-    from .train import TrainOptions
-
     sp = common(sub.add_parser("train", help="train an FTDDM model on a dataset folder"))
     sp.add_argument("--data", required=True, type=Path)
     sp.add_argument("--config", choices=PRESETS, default="compact")
@@ -170,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--t-trunc", type=int, default=None, help="truncation index Ttrunc (default: config's)")
     sp.add_argument("--resume", action="store_true", help="continue OUT/last.safetensors")
     sp.add_argument("--force", action="store_true", help="overwrite an earlier run in OUT")
-    _add_dataclass_flags(sp, TrainOptions)
-    sp.set_defaults(func=cmd_train)
+    if wanted("train"):
+        from .train import TrainOptions
 
-    from .pipeline import SuperResolveOptions
+        _add_dataclass_flags(sp, TrainOptions)
+    sp.set_defaults(func=cmd_train)
 
     sp = common(sub.add_parser("super-resolve", help="super-resolve low-resolution metabolite volumes"))
     sp.add_argument("--lr", required=True, action="append", type=Path, help="LR map (repeat for each metabolite)")
@@ -186,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
                     help="NaN/inf voxels in an input: refuse (default) or set them to 0 with a warning")
-    _add_dataclass_flags(sp, SuperResolveOptions)
+    if wanted("super-resolve"):
+        from .pipeline import SuperResolveOptions
+
+        _add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_super_resolve)
 
     sp = common(sub.add_parser("evaluate", help="compare methods on a fold's test patients: metrics, "
@@ -260,8 +270,14 @@ _INTERRUPT_NOTE = {"super-resolve": "no partial outputs were left",
                    "train": "rerun with --resume to continue from the last checkpoint"}
 
 
+def _requested_command(argv) -> str:
+    """The subcommand named in argv ("" when none): its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_requested_command(argv)).parse_args(argv)
     received: list[int] = []
     previous = (signal.getsignal(signal.SIGTERM), warnings.showwarning)
     _interrupt_on_sigterm(received)

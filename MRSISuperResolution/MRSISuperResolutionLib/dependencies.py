@@ -45,3 +45,27 @@ def missing_requirements(requirements, find_spec: Callable = importlib.util.find
         if not found:
             missing.append(line)
     return missing
+
+
+def installed_version(distribution: str) -> str | None:
+    """Version of an installed distribution from its metadata (nothing is imported), None if not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_satisfies(version: str, specifier: str) -> bool:
+    """True if version (e.g. "2.4.1+cu121") meets specifier (e.g. ">=2.1"); local build tags are ignored.
+
+    packaging is in Slicer's bundle; an unreadable version counts as not satisfying (reinstall is offered).
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) in SpecifierSet(specifier)
+    except InvalidVersion:
+        return False

@@ -20,3 +20,21 @@ def guess_input_roles(names: Sequence[str]) -> dict[str, int | None]:
         if out[role] is not None:
             taken.add(out[role])
     return out
+
+
+_METABOLITE_KINDS = {  # spelling in a node name → the name shown to a reader (most specific first)
+    "2hg": "2HG", "tnaa": "tNAA", "naa": "NAA", "tcho": "tCho", "cho": "Cho", "tcr": "tCr", "cr": "Cr",
+    "mins": "mIns", "ins": "Ins", "glx": "Glx", "glu": "Glu", "gln": "Gln", "gly": "Gly", "lac": "Lac",
+    "gsh": "GSH",
+}
+_KIND_PATTERN = re.compile(r"(?<![a-z0-9])(%s)(?![a-z])" % "|".join(sorted(_METABOLITE_KINDS, key=len, reverse=True)),
+                           re.I)
+
+
+def metabolite_kind(name: str) -> str:
+    """The metabolite a map's node name refers to ("Patient7_tCho_LR" → "tCho"), "" when none is recognisable.
+
+    The reader study shows this instead of the node name, which may identify the patient or the method.
+    """
+    match = _KIND_PATTERN.search(str(name).replace("_", " "))
+    return _METABOLITE_KINDS[match.group(1).lower()] if match else ""

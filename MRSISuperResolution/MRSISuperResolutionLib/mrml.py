@@ -165,6 +165,27 @@ def show_map(volumeNode, window: tuple[float, float], colorNodeId: str, *, inter
         d.SetThreshold(float(transparent_below), max(hi, float(transparent_below)) * 1e6 + 1.0)
 
 
+def display_state(displayNode) -> dict:
+    """What show_map changes on a scalar volume display node, to put it back with restore_display_state."""
+    return {"auto_window_level": displayNode.GetAutoWindowLevel(),
+            "window": (displayNode.GetWindowLevelMin(), displayNode.GetWindowLevelMax()),
+            "color": displayNode.GetColorNodeID(), "interpolate": displayNode.GetInterpolate(),
+            "apply_threshold": displayNode.GetApplyThreshold(),
+            "threshold": (displayNode.GetLowerThreshold(), displayNode.GetUpperThreshold())}
+
+
+def restore_display_state(displayNode, state: dict) -> None:
+    """Undo show_map: the display a node had when display_state was taken."""
+    disabled = displayNode.StartModify()
+    displayNode.SetAndObserveColorNodeID(state["color"])
+    displayNode.SetInterpolate(state["interpolate"])
+    displayNode.SetThreshold(*state["threshold"])
+    displayNode.SetApplyThreshold(state["apply_threshold"])
+    displayNode.SetWindowLevelMinMax(*state["window"])
+    displayNode.SetAutoWindowLevel(state["auto_window_level"])
+    displayNode.EndModify(disabled)
+
+
 def show_outputs(scene, outputs: dict, *, interpolate: bool = True) -> tuple[float, float]:
     """Matched display of one map's outputs: SR and zero-filled share one window and colour table,
     uncertainty gets its own colour table; returns the shared window."""

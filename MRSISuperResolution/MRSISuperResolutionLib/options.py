@@ -15,6 +15,9 @@ SAMPLERS = ("dpmpp", "ancestral", "ddpm", "dpmpp-sde")  # DPM-Solver++ (default)
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index or in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCALE_RANGE = (2.0, 8.0)  # upscaling factors the shipped models are trained for (64 / LR matrix 8 … 32)
+FACTOR_RANGE = (2.0, 8.0)  # in-plane output factors F the engine accepts (0 = automatic)
+# `--factor` is new in the engine: left out while automatic, so the module also drives an engine without it
+OMITTED_WHEN_AUTOMATIC = ("factor",)
 MAX_STEPS = 1000
 MAX_SAMPLES = 64
 
@@ -34,6 +37,7 @@ class SuperResolveParameters:
     device: str = "auto"
     factor: float = 0.0  # in-plane upscaling F (each axis m → round(F·m)); 0 = automatic (square m → 64)
     scale: float = 0.0  # conditioned upscaling factor; 0 = detected from the LR matrix
+    factor: float = 0.0  # in-plane output factor F: matrix round(F·m) per axis; 0 = automatic (the model grid)
     slice_axis: int = -1  # −1 = automatic (through-slab axis)
     max_batch: int = 64
     bf16: bool = False
@@ -73,6 +77,9 @@ class SuperResolveParameters:
         if self.scale and not self.force and not SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]:
             raise ValueError(f"scale must be 0 (automatic) or in {list(SCALE_RANGE)}, got {self.scale!r}; "
                              "enable 'force' to condition outside the trained range")
+        number("factor", 0.0, FACTOR_RANGE[1])
+        if self.factor and not FACTOR_RANGE[0] <= self.factor <= FACTOR_RANGE[1]:
+            raise ValueError(f"factor must be 0 (automatic) or in {list(FACTOR_RANGE)}, got {self.factor!r}")
         return self
 
     def notes(self) -> list[str]:
@@ -94,6 +101,8 @@ class SuperResolveParameters:
         args = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in OMITTED_WHEN_AUTOMATIC and not value:
+                continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + f.name.replace("_", "-"))

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+# taskkill is a console program: without this flag every Cancel flashes a console window on Windows
+_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 _PROGRESS = re.compile(r"^PROGRESS\s+(\d+)/(\d+)(?:\s+(.*))?$")
 _ERROR = re.compile(r"^ftddm [\w-]+: error: (.*)$")
 
@@ -51,18 +53,30 @@ def parse_error_line(line: str) -> str | None:
 
 
 def kill_process_tree(pid: int, *, grace_s: float = 3.0) -> None:
-    """End process `pid` and all its descendants: polite first, forced after grace_s."""
+    """End process `pid` and all its descendants: polite first, forced after grace_s (blocks up to grace_s)."""
     descendants = _descendants(pid)
+    terminate_process_tree(pid)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _any_alive([pid, *descendants]):
+        time.sleep(0.05)
+    force_kill_process_tree(pid, descendants)
+
+
+def terminate_process_tree(pid: int) -> None:
+    """Ask process group `pid` to end (SIGTERM); on Windows end the tree at once (taskkill /T). Never blocks."""
     if sys.platform == "win32":
         # taskkill /T walks the tree; CREATE_NEW_PROCESS_GROUP keeps Slicer itself out of it.
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False,
+                       creationflags=_NO_WINDOW)
     else:
         _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _any_alive([pid, *descendants]):
-            time.sleep(0.05)
+
+
+def force_kill_process_tree(pid: int, descendants: Sequence[int]) -> None:
+    """SIGKILL the group, then each of `descendants` (children that left the group with setsid)."""
+    if sys.platform != "win32":
         _signal_group(pid, signal.SIGKILL)
-    for child in descendants:  # children that left the group (setsid) are killed one by one
+    for child in descendants:
         _kill_pid(child)
 
 
@@ -76,7 +90,8 @@ def _signal_group(pid: int, sig) -> None:
 def _kill_pid(pid: int) -> None:
     try:
         if sys.platform == "win32":
-            subprocess.run(["taskkill", "/F", "/PID", str(pid)], capture_output=True, check=False)
+            subprocess.run(["taskkill", "/F", "/PID", str(pid)], capture_output=True, check=False,
+                           creationflags=_NO_WINDOW)
         else:
             os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
@@ -159,6 +174,8 @@ class BackgroundProcess:
         self._proc: subprocess.Popen | None = None
         self._lines: queue.Queue = queue.Queue()
         self._reader: threading.Thread | None = None
+        self._kill_at: float | None = None  # after a non-blocking cancel: when to force the kill
+        self._tree: list[int] = []  # descendants seen when cancel was asked
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "BackgroundProcess":
@@ -167,10 +184,12 @@ class BackgroundProcess:
             raise RuntimeError("process already started")
         env = dict(self.env if self.env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")  # progress lines arrive as they are printed
+        # the child's stdout is read as UTF-8; Windows' default code page would garble (or fail on) "τ", "→"
+        env.setdefault("PYTHONUTF8", "1")
         kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                       cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1)
         if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | _NO_WINDOW
         else:
             kwargs["start_new_session"] = True  # own process group: cancel reaches every descendant
         self._proc = subprocess.Popen(self.args, **kwargs)
@@ -238,16 +257,33 @@ class BackgroundProcess:
                 idle()
             time.sleep(poll_s)
 
-    def cancel(self, grace_s: float = 3.0) -> None:
-        """Kill the process and all its descendants; safe to call twice or after exit."""
+    def cancel(self, grace_s: float = 3.0, *, wait: bool = True) -> None:
+        """Kill the process and all its descendants; safe to call twice or after exit.
+
+        wait=False (the GUI thread) only asks the tree to end and returns at once; call reap() from a timer
+        until finished(): it forces the kill after grace_s.
+        """
         if self._proc is None:
             return
-        self.cancelled = True
-        if self._proc.poll() is None or _descendants(self._proc.pid):
-            kill_process_tree(self._proc.pid, grace_s=grace_s)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
-            pass
+        if not self.cancelled:
+            self.cancelled = True
+            self._tree = _descendants(self._proc.pid)
+            if self._proc.poll() is None or self._tree:
+                terminate_process_tree(self._proc.pid)
+            self._kill_at = time.monotonic() + grace_s
+        if not wait:
+            return
+        while not self.reap():
+            time.sleep(0.05)
         if self._reader is not None:
             self._reader.join(timeout=5)
+
+    def reap(self) -> bool:
+        """After cancel(): force the kill once the grace time is over; True when the process has ended."""
+        if self._proc is None:
+            return True
+        ended = self._proc.poll() is not None and not _any_alive(self._tree)
+        if not ended and self._kill_at is not None and time.monotonic() >= self._kill_at:
+            force_kill_process_tree(self._proc.pid, self._tree)
+            self._kill_at = None  # once
+        return ended

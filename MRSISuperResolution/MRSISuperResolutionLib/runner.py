@@ -90,6 +90,8 @@ class SuperResolveJob:
         lines = self._process.read_lines()
         for line in lines:
             self._take(line)
+        if self._process.cancelled:
+            self._process.reap()  # forces the kill once the grace time of a non-blocking cancel is over
         if self.state == RUNNING and self._process.finished():
             lines += self._finish()
         return lines
@@ -145,13 +147,23 @@ class SuperResolveJob:
             time.sleep(0.1)
         return self.state
 
-    def cancel(self) -> None:
-        """Kill the whole process tree; the job ends CANCELLED (outputs are never read)."""
+    def cancel(self, *, wait: bool = True) -> None:
+        """Kill the whole process tree; the job ends CANCELLED (outputs are never read).
+
+        wait=False returns at once (GUI thread): the job stays RUNNING until poll() sees the process gone.
+        """
         if self._process is not None and self.state == RUNNING:
-            self._process.cancel()
+            self._process.cancel(wait=wait)
+            if not wait:
+                return
             self.poll()
         if self.state in (PREPARED, RUNNING):
             self.state = CANCELLED
+
+    @property
+    def cancelling(self) -> bool:
+        """A cancel was asked and the process has not ended yet."""
+        return self.state == RUNNING and self._process is not None and self._process.cancelled
 
     @property
     def pid(self) -> int | None:
@@ -187,7 +199,7 @@ class SuperResolveJob:
     def cleanup(self) -> None:
         """Kill the process if still running and delete the temporary folder (unless keep_files)."""
         if self.state == RUNNING:
-            self.cancel()
+            self.cancel(wait=True)
         if not self.keep_files:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -6,6 +6,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MRSISuperResolution"
+
+
+def shared_folder() -> Path | None:
+    """The project's `shared/` folder beside the repository (or beside the folder of a git worktree), or None."""
+    for candidate in (REPO.parent / "shared", REPO.parent.parent / "shared"):
+        if (candidate / "reference").is_dir():
+            return candidate
+    return None
+
+
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 

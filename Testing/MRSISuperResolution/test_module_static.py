@@ -8,13 +8,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import shared_folder
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "MRSISuperResolution"
 MODULE_FILE = MODULE / "MRSISuperResolution.py"
 UI_FILE = MODULE / "Resources" / "UI" / "MRSISuperResolution.ui"
-CHECKER = REPO.parent / "shared" / "tools" / "check_slicer_api.py"
-API = REPO.parent / "shared" / "reference" / "slicer_api.json"
+SHARED = shared_folder() or REPO.parent / "shared"
+CHECKER = SHARED / "tools" / "check_slicer_api.py"
+API = SHARED / "reference" / "slicer_api.json"
 
 
 def cmake_list(text: str, variable: str, module_name: str = "MRSISuperResolution") -> list[str]:
@@ -133,8 +135,9 @@ def test_node_selectors_are_wired_to_the_scene_and_typed():
 
 def test_every_ui_attribute_used_in_code_exists_in_the_ui():
     _, widgets = ui_widgets()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
-    collapsibles = re.findall(r'"(\w+CollapsibleButton)"', MODULE_FILE.read_text())
+    code = "".join(p.read_text() for p in [MODULE_FILE, *(MODULE / "MRSISuperResolutionLib").glob("*.py")])
+    used = set(re.findall(r"self\.ui\.(\w+)", code))
+    collapsibles = re.findall(r'"(\w+CollapsibleButton)"', code)
     assert used | set(collapsibles) <= set(widgets), (used | set(collapsibles)) - set(widgets)
 
 
@@ -159,7 +162,7 @@ STUBS = textwrap.dedent("""
     slicer.i18n = module("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s)
     marker = lambda *a, **k: ("annotation", a)
     slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", Choice=marker, Decimals=marker,
-        SingleStep=marker, WithinRange=marker, parameterNodeWrapper=lambda cls: cls)
+        SingleStep=marker, WithinRange=marker, Validator=object, parameterNodeWrapper=lambda cls: cls)
     slicer.ScriptedLoadableModule = module("slicer.ScriptedLoadableModule", **{n: base(n) for n in (
         "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
         "ScriptedLoadableModuleWidget")})
@@ -195,3 +198,23 @@ def test_module_imports_without_installing_or_importing_torch():
     done = subprocess.run([sys.executable, "-c", STUBS, str(MODULE)], capture_output=True, text=True,
                           cwd=str(MODULE.parent.parent))
     assert "IMPORT-OK" in done.stdout, done.stdout + done.stderr
+
+
+# --- Extensions Index ---------------------------------------------------------------------------------------------
+CATALOG_FIELDS = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+                  "scm_type", "scm_url", "tier"}  # catalog entry schema v1.0.1 (additionalProperties: false)
+
+
+def test_extensions_index_entry_agrees_with_the_extension_cmake():
+    import json
+
+    entry = json.loads((REPO / "ExtensionsIndex" / "MRSISuperResolution.json").read_text())
+    assert set(entry) <= CATALOG_FIELDS, set(entry) - CATALOG_FIELDS
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert "catalog-entry-schema-v1.0.1" in entry["$schema"]
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', text).group(1)
+    assert entry["build_dependencies"] == re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', text).group(1).split()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', text).group(1)
+    assert entry["scm_url"].removesuffix(".git") == homepage  # one placeholder repository to fill, not two
+    assert entry["build_subdirectory"] == "." and (REPO / entry["build_subdirectory"] / "CMakeLists.txt").exists()

@@ -1,0 +1,229 @@
+"""The module's parameter node with Slicer 5.10's real parameterNodeWrapper, ScriptedLoadableModule and i18n.
+
+slicer-core ships MRML and slicer.util but not those pure-Python packages; the project keeps unmodified copies
+in ../shared/reference/slicer_python/v5.10.0, which are added to the `slicer` package here. Only Qt and CTK
+(widget classes the wrapper names but the parameter node never uses) and the application object are stubbed.
+"""
+import importlib
+import logging
+import pathlib
+import sys
+import types
+
+import pytest
+
+from conftest import MODULE_DIR, shared_folder
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+SHARED = shared_folder()
+REAL_SLICER = SHARED / "reference" / "slicer_python" / "v5.10.0" / "Base" / "Python" / "slicer" if SHARED else None
+if REAL_SLICER is None or not (REAL_SLICER / "parameterNodeWrapper" / "wrapper.py").is_file():
+    pytest.skip("Slicer's real Python sources are absent (../shared/reference/slicer_python/v5.10.0 beside the "
+                "repository); these tests need them", allow_module_level=True)
+
+from MRSISuperResolutionLib.options import SAMPLERS, SuperResolveParameters  # noqa: E402
+
+REAL_MODULES = ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
+# module helpers that import qt/slicer at load time: imported afresh here, and dropped again afterwards, so
+# neither these stand-ins nor another test's stubs leak between test files
+SLICER_BOUND = tuple(f"MRSISuperResolutionLib.{n}" for n in ("readerstudylogic", "readerstudywidget", "resultviews",
+                                                               "runhandle"))
+# Qt widget classes of Slicer's qMRMLWidgets that the wrapper's GUI connectors name (absent from slicer-core)
+QMRML_WIDGETS = ("qMRMLNodeComboBox", "qMRMLRangeWidget", "qMRMLScreenShotDialog", "qMRMLSliderWidget",
+                 "qMRMLSpinBox", "qMRMLUtils", "qMRMLWidget", "qSlicerWidget")
+
+
+class _Anything(type):
+    """Metaclass of the Qt/CTK stand-ins: any attribute is another stand-in class (qt.Qt.Checked, …)."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stand_in(name)
+
+
+def _stand_in(name):
+    return _Anything(name, (), {"__init__": lambda self, *args, **kwargs: None})
+
+
+def _widget_toolkit(name):
+    module = types.ModuleType(name)
+    module.__getattr__ = _stand_in
+    return module
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Import MRSISuperResolution.py with the real wrapper; collect every warning logged meanwhile; undo after."""
+    saved = {n: sys.modules.get(n) for n in ("qt", "ctk", "MRSISuperResolution")}
+    for name in ("qt", "ctk"):
+        sys.modules[name] = _widget_toolkit(name)
+    had_app, had_self_tests = hasattr(slicer, "app"), hasattr(slicer, "selfTests")
+    temp = tmp_path_factory.mktemp("slicer-app")
+    slicer.app = types.SimpleNamespace(translate=lambda context, text: text, connect=lambda *a: None,
+                                       temporaryPath=str(temp), defaultScenePath=str(temp / "SlicerData"),
+                                       processEvents=lambda *a: None)
+    widgets = [n for n in QMRML_WIDGETS if not hasattr(slicer, n)]
+    for name in widgets:
+        setattr(slicer, name, _stand_in(name))
+    slicer.__path__.append(str(REAL_SLICER))
+    for name in ("MRSISuperResolution", *SLICER_BOUND):
+        sys.modules.pop(name, None)
+    warnings = _Warnings()
+    logging.getLogger().addHandler(warnings)
+    try:
+        loaded = {name: importlib.import_module(name) for name in REAL_MODULES}
+        module = importlib.import_module("MRSISuperResolution")
+        yield types.SimpleNamespace(module=module, wrapper=loaded["slicer.parameterNodeWrapper"],
+                                    sources=loaded, warnings=warnings)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+        slicer.__path__.remove(str(REAL_SLICER))
+        for name in [n for n in sys.modules if n.startswith(REAL_MODULES)]:
+            del sys.modules[name]
+        for attr in ("i18n", "parameterNodeWrapper", "ScriptedLoadableModule", *widgets):
+            if hasattr(slicer, attr):
+                delattr(slicer, attr)
+        for name in SLICER_BOUND:
+            sys.modules.pop(name, None)
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+        if not had_app:
+            del slicer.app
+        if not had_self_tests and hasattr(slicer, "selfTests"):
+            del slicer.selfTests
+
+
+@pytest.fixture
+def scene(real):
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture
+def node(real, scene):
+    return real.module.MRSISuperResolutionLogic().getParameterNode()
+
+
+def test_the_real_slicer_sources_are_used_and_log_no_warning(real):
+    for name, source in real.sources.items():
+        assert pathlib.Path(source.__file__).resolve().is_relative_to(REAL_SLICER.resolve()), name
+    assert real.module.MRSISuperResolutionParameterNode.__module__ == "MRSISuperResolution"
+    assert real.warnings.messages == []
+    # the capture sees what the wrapper logs: a GUI-only hint on a parameter is reported at decoration time
+    from typing import Annotated
+
+    real.wrapper.parameterNodeWrapper(type("Probe", (), {"__annotations__": {"x": Annotated[float,
+                                                                                        real.wrapper.Decimals(2)]}}))
+    assert any("Unused annotations" in m for m in real.warnings.messages)
+    real.warnings.messages.clear()
+
+
+def test_defaults_match_the_engine_parameters_and_are_written_to_the_node(node):
+    engine = SuperResolveParameters()
+    pairs = {"tauD": engine.tau_d, "tauF": engine.tau_f, "sampler": engine.sampler, "steps": engine.steps,
+             "samples": engine.samples, "dataConsistency": engine.data_consistency, "seed": engine.seed,
+             "device": engine.device, "bf16": engine.bf16, "factor": engine.factor}
+    for name, expected in pairs.items():
+        assert getattr(node, name) == expected, name
+        assert node.parameterNode.HasParameter(name), name  # the wrapper stored it in the MRML node
+    assert node.mrsiVolume is None and node.srVolume is None and node.useDefaultModel and node.autoScale
+    assert node.studyFolder == pathlib.Path()  # "unset": the widget replaces it by a real folder on entry
+    assert node.lastRunTauD == -1.0
+    assert node.parameterNode.GetAttribute("ModuleName") == "MRSISuperResolution"
+
+
+def _accepts_node(node, name, value):
+    try:
+        setattr(node, name, value)
+        return True
+    except ValueError:
+        return False
+
+
+def _accepts_engine(field, value):
+    try:
+        SuperResolveParameters(**{field: value}).validate()
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("name, field, values", [
+    ("tauD", "tau_d", [-0.01, 0.0, 0.9, 2.0, 2.01]),
+    ("tauF", "tau_f", [-0.01, 0.0, 2.0, 2.01]),
+    ("steps", "steps", [0, 1, 1000, 1001]),
+    ("samples", "samples", [0, 1, 64, 65]),
+    ("dataConsistency", "data_consistency", [-0.01, 0.0, 1.0, 1.01]),
+    ("seed", "seed", [-1, 0, 1000000, 1000001]),
+    ("factor", "factor", [-1.0, 0.0, 1.5, 1.99, 2.0, 5.5, 8.0, 8.01]),
+    ("sampler", "sampler", [*SAMPLERS, "euler", ""]),
+    ("device", "device", ["auto", "cpu", "cuda", "mps", "tpu"]),
+])
+def test_the_node_refuses_what_the_engine_would_refuse(node, name, field, values):
+    """Validators of the real wrapper: a value the node accepts is one the run accepts (no late failure)."""
+    verdicts = {v: (_accepts_node(node, name, v), _accepts_engine(field, v)) for v in values}
+    assert all(engine for node_ok, engine in verdicts.values() if node_ok), verdicts
+    assert any(not node_ok for node_ok, _engine in verdicts.values()), f"{name}: nothing refused"
+    if name != "seed":  # the GUI offers seeds up to 10⁶; the engine takes any 31-bit seed
+        assert all(node_ok == engine for node_ok, engine in verdicts.values()), verdicts
+
+
+def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, node, tmp_path):
+    import numpy as np
+
+    volumes = {key: slicer.util.addVolumeFromArray(np.ones((2, 3, 4), np.float32), name=f"Vol_{key}")
+               for key in ("mrsi", "t1", "flair")}
+    node.mrsiVolume, node.t1Volume, node.flairVolume = volumes["mrsi"], volumes["t1"], volumes["flair"]
+    node.tauD, node.sampler, node.steps, node.factor, node.bf16 = 0.35, "ddpm", 25, 3.5, True
+    node.studyFolder = tmp_path / "study"
+    node.readerName = "Dr Ä"
+    node.modelPath = tmp_path / "model.safetensors"
+    path = tmp_path / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Import()
+    slicer.mrmlScene = loaded
+    try:
+        again = real.module.MRSISuperResolutionLogic().getParameterNode()
+        assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
+        assert (again.tauD, again.sampler, again.steps, again.factor, again.bf16) == (0.35, "ddpm", 25, 3.5, True)
+        assert again.studyFolder == tmp_path / "study" and again.modelPath == tmp_path / "model.safetensors"
+        assert again.readerName == "Dr Ä"
+        assert [again.mrsiVolume.GetName(), again.t1Volume.GetName(), again.flairVolume.GetName()] == \
+            ["Vol_mrsi", "Vol_t1", "Vol_flair"]
+        assert again.maskVolume is None
+        assert again.tauF == SuperResolveParameters().tau_f  # untouched values keep their defaults
+    finally:
+        loaded.Clear(1)
+    assert real.warnings.messages == []
+
+
+def test_module_descriptor_builds_with_the_real_base_class(real):
+    """The real ScriptedLoadableModule.__init__ runs (icon, self-test registration) and our help keeps the notice."""
+    parent = types.SimpleNamespace(path=str(MODULE_DIR / "MRSISuperResolution.py"))
+    slicer.app.moduleDocumentationUrl = lambda name: f"https://example.invalid/{name}"
+    real.module.MRSISuperResolution(parent)
+    assert parent.title == "MRSI Super-Resolution" and parent.categories == ["Quantification"]
+    assert "Research use only" in parent.helpText and "synthetic" in parent.helpText
+    assert "https://example.invalid/MRSISuperResolution" in parent.helpText  # the base class's link, appended
+    assert slicer.selfTests["MRSISuperResolution"]  # registered by the real base class for Reload and Test
