@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
     progress = ProgressPrinter("train", args.progress_lines)
 
     def report(row):
-        msg = " ".join(f"{k}={row[k]:.4g}" for k in ("diffusion", "nll", "guide") if k in row)
+        msg = " ".join(f"{k}={row[k]:.4g}" for k in ("encoder", "diffusion", "nll", "guide") if k in row)
         progress(int(row["step"]), int(row["iterations"]), msg)
 
     summary = train(config, src, args.out, opts, val_source=val, resume=args.resume, force=args.force,
