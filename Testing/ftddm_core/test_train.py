@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ftddm_core.config import preset
 from ftddm_core.data import training_sources
 from ftddm_core.model import FTDDM
-from ftddm_core.train import TrainOptions, flow_lr_factor, train
+from ftddm_core.train import TrainOptions, ema_decay_at, lr_factor, train
 
 OPTS = dict(batch_size=2, val_every=2, val_batches=1, log_every=1, device="cpu")
 
