@@ -20,7 +20,11 @@ def check_safetensors_file(path: str | Path) -> Path:
         raise FileNotFoundError(f"model file not found: {path}")
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC) or path.suffix in (".pt", ".pth", ".ckpt", ".pkl"):
+    # a safetensors header length can itself start with a pickle opcode (e.g. 640 = b"\x80\x02…"): the JSON
+    # brace at byte 8 tells them apart
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    pickle_magic = any(head.startswith(m) for m in _PICKLE_MAGIC) and not looks_safetensors
+    if pickle_magic or path.suffix in (".pt", ".pth", ".ckpt", ".pkl"):
         raise ValueError(
             f"{path} looks like a PyTorch pickle checkpoint; ftddm only loads .safetensors files because "
             "unpickling a file can run arbitrary code. Convert it where you trust it (ftddm.model.save)."

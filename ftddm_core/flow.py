@@ -60,9 +60,9 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
 
-    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        """log|det| = H·W·Σ_c log|scale_c|."""
-        return x.shape[2] * x.shape[3] * self.log_scale.sum()
+    def _logdet(self, x: torch.Tensor, valid=None) -> torch.Tensor:
+        """log|det| = (number of image pixels)·Σ_c log|scale_c| (padding is held at 0, no volume)."""
+        return _pixel_count(x, valid) * self.log_scale.sum()
 
     def _bias(self, valid):
         return self.bias if valid is None else self.bias * valid  # padding stays 0
@@ -70,7 +70,7 @@ class ActNorm(nn.Module):
     def forward(self, x: torch.Tensor, logdet: torch.Tensor, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not bool(self.initialized):
             self.initialize_from(x)
-        return (x + self._bias(valid)) * torch.exp(self.log_scale), logdet + self._logdet(x)
+        return (x + self._bias(valid)) * torch.exp(self.log_scale), logdet + self._logdet(x, valid)
 
     def inverse(self, y: torch.Tensor, valid=None) -> torch.Tensor:
         return y * torch.exp(-self.log_scale) - self._bias(valid)
@@ -98,10 +98,10 @@ class InvertibleConv1x1(nn.Module):
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.permutation @ lower @ upper
 
-    def forward(self, x: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, logdet: torch.Tensor, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight()
         y = F.conv2d(x, w[:, :, None, None])
-        return y, logdet + x.shape[2] * x.shape[3] * self.log_s.sum()
+        return y, logdet + _pixel_count(x, valid) * self.log_s.sum()
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         w_inv = _matrix_inverse(self.weight())
@@ -117,6 +117,11 @@ def _matrix_inverse(w: torch.Tensor) -> torch.Tensor:
 
 def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return x if valid is None else x * valid.to(x.dtype)
+
+
+def _pixel_count(x: torch.Tensor, valid: torch.Tensor | None):
+    """Pixels a per-pixel layer acts on: H·W, or the valid ones per sample (B,) on a padded canvas."""
+    return x.shape[2] * x.shape[3] if valid is None else _sum_per_sample(valid).to(x.dtype)
 
 
 class ConvNet(nn.Module):
@@ -207,7 +212,7 @@ class FlowStep(nn.Module):
 
     def forward(self, x, features, logdet, valid=None):
         x, logdet = self.actnorm(x, logdet, valid)
-        x, logdet = self.invconv(x, logdet)
+        x, logdet = self.invconv(x, logdet, valid)
         x, logdet = self.injector(x, features, logdet, valid)
         return self.coupling(x, features, logdet, valid)
 
@@ -443,9 +448,10 @@ class ConditionalFlow(nn.Module):
         return [F.pad(p, (0, fw - p.shape[-1], 0, fh - p.shape[-2])) for p, (_, _, fh, fw) in zip(pieces, full)]
 
     @staticmethod
-    def _gaussian_log_prob(z, mean, log_std) -> torch.Tensor:
+    def _gaussian_log_prob(z, mean, log_std, valid=None) -> torch.Tensor:
         normalised = (z - mean) * torch.exp(-log_std)
-        return _sum_per_sample(-0.5 * normalised**2 - log_std - 0.5 * math.log(2 * math.pi))
+        # padded latent entries are not part of the image's density
+        return _sum_per_sample(_masked(-0.5 * normalised**2 - log_std - 0.5 * math.log(2 * math.pi), valid))
 
     def log_prob(self, x: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None) -> torch.Tensor:
         """log p(x | c) = Σ log N(z_l; μ_l(c), σ_l(c)) + log|det ∂F/∂x| (change of variables), nats, (B,)."""
@@ -453,7 +459,9 @@ class ConditionalFlow(nn.Module):
         features, valids = self.context(cond, enc_features, valid)
         _, logdet, pieces = self._forward(x, features, valids)
         params = self.prior_params(features, valids, *x.shape[-2:])
-        return sum(self._gaussian_log_prob(z, m, s) for z, (m, s) in zip(pieces, params)) + logdet
+        levels = [level for level, _, _, _ in latent_shapes(self.config, *x.shape[-2:])]
+        return sum(self._gaussian_log_prob(z, m, s, valids[level])
+                   for z, (m, s), level in zip(pieces, params, levels)) + logdet
 
     def nll_bits_per_dim(self, x: torch.Tensor, cond: torch.Tensor, enc_features=None, valid=None) -> torch.Tensor:
         """−log p(x | c) / (D·ln 2): negative log-likelihood in bits per dimension, (B,)."""

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ftddm_core.config import preset
 from ftddm_core.data import training_sources
 from ftddm_core.model import FTDDM
-from ftddm_core.train import TrainOptions, flow_lr_factor, train
+from ftddm_core.train import TrainOptions, ema_decay_at, lr_factor, train
 
 OPTS = dict(batch_size=2, val_every=2, val_batches=1, log_every=1, device="cpu")
 
@@ -36,7 +36,7 @@ def test_a_few_steps_give_finite_losses_and_loadable_models(tiny_dataset, tmp_pa
     rows = read_log(tmp_path / "run" / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     for r in rows:
-        for key in ("diffusion", "nll", "guide", "total"):
+        for key in ("encoder", "diffusion", "nll", "guide", "total"):
             assert torch.isfinite(torch.tensor(float(r[key])))
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     for name in ("model.safetensors", "best.safetensors"):
@@ -48,13 +48,21 @@ def test_a_few_steps_give_finite_losses_and_loadable_models(tiny_dataset, tmp_pa
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
-def test_training_changes_both_networks(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("stage, networks", [("all", {"encoder", "unet", "flow"}), ("encoder", {"encoder"}),
+                                             ("diffusion", {"unet"}), ("flow", {"flow"})])
+def test_each_stage_trains_exactly_its_networks(tiny_dataset, tmp_path, stage, networks):
     torch.manual_seed(0)
     before = FTDDM(preset("tiny")).state_dict()
-    run(tiny_dataset, tmp_path / "run", 2, opts={"ema_decay": 0.0})
+    run(tiny_dataset, tmp_path / "run", 2, opts={"ema_decay": 0.0, "stage": stage, "warmup": 1})
     after = FTDDM.load(tmp_path / "run" / "model.safetensors").state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"unet", "flow"}
+    assert changed == networks
+    row = read_log(tmp_path / "run" / "log.csv")[-1]
+    assert all(torch.isfinite(torch.tensor(float(row[k]))) for k in ("encoder", "total"))
+    assert ("nll" in row) == ("flow" in networks) and ("diffusion" in row) == ("unet" in networks)
+    with safe_open(str(tmp_path / "run" / "last.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["format"] == "ftddm-training-state/2" and set(json.loads(meta["optimizers"])) == networks
 
 
 class Interrupt(Exception):
@@ -93,22 +101,51 @@ def test_resume_refuses_a_different_config(tiny_dataset, tmp_path):
         run(tiny_dataset, tmp_path / "run", 2, resume=True, config="regression")
 
 
-def test_regression_baseline_trains_only_the_unet(tiny_dataset, tmp_path):
+def test_regression_baseline_trains_only_the_encoder(tiny_dataset, tmp_path):
     cfg = preset("tiny")
     cfg.kind, cfg.name = "regression", "tiny-regression"
     src, val, _ = training_sources(tiny_dataset, fold=0, seed=0)
     train(cfg, src, tmp_path / "reg", TrainOptions(iterations=2, **OPTS), val_source=val)
     rows = read_log(tmp_path / "reg" / "log.csv")
-    assert "regression" in rows[0] and "nll" not in rows[0]
+    assert "encoder" in rows[0] and "nll" not in rows[0] and "diffusion" not in rows[0]
     model = FTDDM.load(tmp_path / "reg" / "model.safetensors")
+    assert model.unet is None and model.flow is None
     cond = torch.rand(2, 4, 64, 64)
     cond[:, 1] = 1
     result = model.sample(cond, torch.tensor([4.0, 4.0]))
     assert result.nfe == 1 and torch.equal(result.std, torch.zeros_like(result.std))
 
 
-def test_flow_step_decay():
-    assert [flow_lr_factor(s, 100) for s in (0, 49, 50, 75, 90, 99)] == [1, 1, 0.5, 0.25, 0.125, 0.125]
+def test_learning_rate_warms_up_linearly_then_decays_linearly_to_zero():
+    # min(1, (s+1)/warmup)·(1 − s/iterations), by hand for warmup 10 over 100 iterations
+    expected = {0: 0.1, 4: 0.5 * 0.96, 9: 0.91, 10: 0.90, 50: 0.5, 99: 0.01}
+    for step, value in expected.items():
+        assert lr_factor(step, 100, 10) == pytest.approx(value)
+    assert lr_factor(0, 100, 0) == pytest.approx(1.0)  # no warm-up
+
+
+def test_logged_learning_rates_follow_the_schedule(tiny_dataset, tmp_path):
+    run(tiny_dataset, tmp_path / "run", 3, opts={"warmup": 2, "lr": 1e-3})
+    lrs = [float(r["lr"]) for r in read_log(tmp_path / "run" / "log.csv")]
+    assert lrs == pytest.approx([1e-3 * 0.5, 1e-3 * (1 - 1 / 3), 1e-3 * (1 - 2 / 3)])
+
+
+def test_ema_decay_warms_up():
+    # min(d, (1 + step)/(10 + step)): 0.1 at the first step, the configured decay once (1+s)/(10+s) exceeds it
+    assert [ema_decay_at(s, 0.999) for s in (0, 1, 90)] == pytest.approx([0.1, 2 / 11, 0.91])
+    assert ema_decay_at(100_000, 0.999) == 0.999 and ema_decay_at(5, 0.0) == 0.0
+
+
+def test_resume_refuses_a_v1_checkpoint_and_a_different_stage(tiny_dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    run(tiny_dataset, tmp_path / "run", 1)
+    with pytest.raises(ValueError, match="same --stage"):
+        run(tiny_dataset, tmp_path / "run", 2, resume=True, opts={"stage": "flow"})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "run" / "last.safetensors"),
+              metadata={"format": "ftddm-training-state/1"})
+    with pytest.raises(ValueError, match="not an ftddm v2 training checkpoint"):
+        run(tiny_dataset, tmp_path / "run", 2, resume=True)
 
 
 def test_options_are_validated():
