@@ -381,9 +381,11 @@ class LoadedModel:
         return int(self.model.config.diffusion.num_timesteps) - 1
 
     def parameters(self, part: str) -> int:
+        """Parameters of one network ("encoder", "unet", "flow"); 0 for one the model lacks (a regression model)."""
         from .unet import count_parameters
 
-        return count_parameters(getattr(self.model, part))
+        network = getattr(self.model, part)
+        return 0 if network is None else count_parameters(network)
 
 
 def _training_metadata(path: Path) -> dict:
@@ -1198,9 +1200,11 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
     if recorded.get("test") and recorded.get("fold") == opts.fold and list(recorded["test"]) != list(ctx.test_ids):
         L.append(f"- **Warning**: the model records test patients {recorded['test']} for fold {opts.fold}, "
                  f"this split gives {ctx.test_ids} (another dataset or split seed?).")
-    L += ["", md_table(["role", "file", "sha256", "config", "T", "Ttrunc", "UNet params", "flow params", "training"],
+    L += ["", md_table(["role", "file", "sha256", "config", "T", "Ttrunc", "encoder params", "UNet params",
+                        "flow params", "training"],
                        [[MODEL_ROLES[r], f"`{m.path.name}`", f"`{m.sha256[:12]}`", m.model.config.name,
-                         m.last_index + 1, m.t_trunc, m.parameters("unet"), m.parameters("flow"), _training_line(m)]
+                         m.last_index + 1, m.t_trunc, m.parameters("encoder"), m.parameters("unet"),
+                         m.parameters("flow"), _training_line(m)]
                         for r, m in ctx.models.items()])]
     for role in ("ddpm", "regression"):
         if role not in ctx.models:

@@ -141,18 +141,34 @@ def test_parsing_and_scale_checks():
 
 # --- the re-noised flow start with an oracle network --------------------------------------------------
 def oracle_bundle(target, t_trunc=100):
-    """A model whose flow mode is √ᾱ_Ttrunc·target and whose UNet predicts the exact ε for that target."""
+    """A v2 model whose flow mode is √ᾱ_Ttrunc·target and whose ε-UNet predicts the exact ε for that target.
+
+    Its SR encoder returns a deliberately poor x̂0_enc = target / 2, so a start taken from the encoder instead of
+    the flow, or an ε-UNet not given x̂0_enc, fails these tests.
+    """
     schedule = DiffusionSchedule.cosine(1000)
     config = preset("tiny")
     config.diffusion.t_trunc = t_trunc
     a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+    shift = float(a[t_trunc].sqrt())
 
-    def unet(x, t, cond, scale):
-        ab = a[t].reshape(-1, 1, 1, 1)
-        return (x - ab.sqrt() * target[: len(x)]) / (1 - ab).sqrt()
+    def encode(cond, scale, valid=None):
+        return 0.5 * target[: len(cond)], []
 
-    flow = SimpleNamespace(sample=lambda cond, tau, generator=None: a[t_trunc].sqrt() * target[: len(cond)])
-    return SimpleNamespace(unet=unet, flow=flow, schedule=schedule, config=config)
+    def flow_sample(cond, x0_enc, features, tau, generator=None, valid=None):
+        return shift * target[: len(cond)]
+
+    def denoiser(cond, x0_enc, scale, valid=None):
+        torch.testing.assert_close(x0_enc, 0.5 * target[: len(cond)])
+
+        def eps(x, t):
+            ab = a[t].reshape(-1, 1, 1, 1)
+            return (x - ab.sqrt() * target[: len(x)]) / (1 - ab).sqrt()
+
+        return eps
+
+    return SimpleNamespace(encode=encode, flow_sample=flow_sample, denoiser=denoiser, flow_shift_factor=shift,
+                           schedule=schedule, config=config)
 
 
 def oracle_inputs(batch=2, size=16, seed=0):
@@ -313,10 +329,15 @@ def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path,
     assert "not evaluated" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "UNet was trained on t ∈ [0, 20] only" in report
-    assert "no --regression-model given" in report
+    # FTDDM v2: without --regression-model the one-pass regression is the FTDDM model's own SR encoder
+    assert "no --regression-model given" not in report
     assert "**Not answered**" in report
     assert "needs --samples ≥ 2" in report
-    assert {r["method"] for r in read_csv(out / "methods.csv")} == {"zero_filled", "ftddm_dpmpp_10"}
+    methods = {r["method"]: r for r in read_csv(out / "methods.csv")}
+    assert set(methods) == {"zero_filled", "regression", "ftddm_dpmpp_10"}
+    encoder = FTDDM.load(models["main"]).encoder
+    assert int(methods["regression"]["parameters"]) == sum(p.numel() for p in encoder.parameters())
+    assert methods["regression"]["nfe"] == "1"
 
 
 def test_gap_diagnosis_subtracts_the_probe_methods_only_at_failing_scales():
