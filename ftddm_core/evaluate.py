@@ -1359,9 +1359,11 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
                          m.last_index + 1, m.t_trunc, m.parameters("encoder"), m.parameters("unet"),
                          m.parameters("flow"), _training_line(m)]
                         for r, m in ctx.models.items()])]
-    for role in ("ddpm", "regression"):
-        if role not in ctx.models:
-            L.append(f"\n{MODEL_ROLES[role]} not given: methods that need it are skipped (see below).")
+    if "ddpm" not in ctx.models:
+        L.append(f"\n{MODEL_ROLES['ddpm']} not given: methods that need it are skipped (see below).")
+    if "regression" not in ctx.models:  # FTDDM v2 (resolve_spec): the encoder is the one-pass regression
+        L.append(f"\n{MODEL_ROLES['regression']} not given: the one-pass regression is the FTDDM model's SR "
+                 "encoder.")
 
     # headline
     L += ["", "## Headline: fast FTDDM vs full-chain DDPM", ""]

@@ -332,6 +332,7 @@ def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path,
     assert "UNet was trained on t ∈ [0, 20] only" in report
     # FTDDM v2: without --regression-model the one-pass regression is the FTDDM model's own SR encoder
     assert "no --regression-model given" not in report
+    assert "--regression-model not given: the one-pass regression is the FTDDM model's SR encoder" in report
     assert "**Not answered**" in report
     assert "needs --samples ≥ 2" in report
     methods = {r["method"]: r for r in read_csv(out / "methods.csv")}
