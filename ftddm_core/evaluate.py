@@ -3,7 +3,9 @@
 Plan → run every (method, scale) once, cached under REPORT_DIR/cache → per-map metrics → tables, CSVs, figures
 and report.md. Everything is compared in model space: the ground truth is x0 = HR·M / scale with the scale
 derived from the LR input (data.make_example), outputs are masked by M, so metrics on the whole 64×64 map are
-the published ones (PSNR/SSIM use the ground truth's range, hence are invariant to the per-map scale).
+the published ones (PSNR/SSIM use the ground truth's range, hence are invariant to the per-map scale). Maps on
+any other grid (in-vivo-like data) are evaluated on the T×T tiles around the mask centre that the training
+derivation cuts after deriving the LR map on the full slice; the baselines are cut from the same full slice.
 """
 from __future__ import annotations
 
@@ -162,14 +164,16 @@ def lr_size_for(scale: float, size: int = 64) -> int:
 
 # ============================================================================================ metrics
 def kspace_consistency_error(output: np.ndarray, lr: np.ndarray, norm: float) -> float:
-    """‖K_m(output) − K_m(zf(LR)/norm)‖₂ / ‖K_m(zf(LR)/norm)‖₂, K_m = centred m×m block of the model-grid k-space.
+    """‖K_m(output) − K_m(zf(LR)/norm)‖₂ / ‖K_m(zf(LR)/norm)‖₂, K_m = centred m1×m2 block of the model-grid k-space.
 
-    lr is the measured m×m LR map (physical units), norm the map's model-space scale, output in model space.
+    lr is the measured m1×m2 LR map (physical units), norm the map's model-space scale, output in model space
+    on the grid the LR map was zero-filled onto (n1×n2, n_a ≥ m_a).
     """
     output, lr = np.asarray(output, dtype=np.float64), np.asarray(lr)
-    if output.ndim != 2 or lr.ndim != 2 or lr.shape[0] != lr.shape[1]:
-        raise ValueError(f"expected a 2D output and a square 2D LR map, got {output.shape} and {lr.shape}")
-    m = lr.shape[-1]
+    if output.ndim != 2 or lr.ndim != 2 or any(m > n for m, n in zip(lr.shape, output.shape)):
+        raise ValueError(f"expected a 2D output and a 2D LR map no larger than it per axis, got {output.shape} "
+                         f"and {lr.shape}")
+    m = lr.shape
     measured = kspace.truncate_kspace(kspace.fft2c(kspace.zero_fill(lr, output.shape)), m) / float(norm)
     estimate = kspace.truncate_kspace(kspace.fft2c(output), m)
     denom = np.linalg.norm(measured)
@@ -184,8 +188,8 @@ def gradient_ratio(gt: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
     return float(g_out / g_gt) if g_gt > 0 else float("nan")
 
 
-def high_frequency_ratio(gt: np.ndarray, out: np.ndarray, lr_size: int) -> float:
-    """Sharpness: k-space energy outside the measured central m×m block, output / ground truth."""
+def high_frequency_ratio(gt: np.ndarray, out: np.ndarray, lr_size: int | tuple[int, int]) -> float:
+    """Sharpness: k-space energy outside the measured central m×m (or m1×m2) block, output / ground truth."""
     def outside(img):
         k = kspace.fft2c(np.asarray(img, dtype=np.float64))
         return float(np.sum(np.abs(k) ** 2) - np.sum(np.abs(kspace.truncate_kspace(k, lr_size)) ** 2))
@@ -194,11 +198,11 @@ def high_frequency_ratio(gt: np.ndarray, out: np.ndarray, lr_size: int) -> float
     return outside(out) / e_gt if e_gt > 0 else float("nan")
 
 
-def map_metrics(gt, out, mask, lr, norm) -> dict[str, float]:
-    """Published metrics on the whole map, their in-mask variants and the k-space consistency error."""
+def map_metrics(data: ScaleData, i: int, out: np.ndarray) -> dict[str, float]:
+    """Published metrics on the whole map (tile), their in-mask variants and the k-space consistency error."""
     row = {k: float("nan") for k in METRICS}
-    row.update(metrics.all_metrics(gt, out, mask))
-    row["kspace_error"] = kspace_consistency_error(out, lr, norm)
+    row.update(metrics.all_metrics(data.gt[i], out, data.mask[i]))
+    row["kspace_error"] = data.kspace_error(i, out)
     return row
 
 
@@ -290,16 +294,88 @@ def calibration(errors: np.ndarray, stds: np.ndarray, bins: int = CALIBRATION_BI
 # ============================================================================================ data
 @dataclass
 class ScaleData:
-    """The evaluated maps at one upscaling factor, in model space (ground truth, condition, LR measurement)."""
+    """The evaluated maps at one upscaling factor, in model space (ground truth, condition, LR measurement).
+
+    Legacy 64×64 data: each map is a whole slice. Any other grid: each map is the T×T tile (data.tile_example
+    without rng: around the mask centre) of a full n1×n2 slice whose LR map was derived on the whole slice;
+    tile pixel (0, 0) is slice pixel ``tile_origins[i]`` (negative where the slice is smaller and zero-padded).
+    """
 
     scale: float
-    lr_size: int
+    lr_size: int | None  # legacy: the LR matrix m (m×m → 64×64); tiles: None (see lr_shapes)
     ids: list[MapId]
-    gt: np.ndarray  # (N, H, W) HR·M / norm
-    mask: np.ndarray  # (N, H, W) bool
-    lr: np.ndarray  # (N, m, m) measured LR maps, physical units
+    gt: np.ndarray  # (N, T, T) HR·M / norm
+    mask: np.ndarray  # (N, T, T) bool
+    lr: np.ndarray | list[np.ndarray]  # (N, m, m) or per map (m1, m2): measured LR maps of the slice, physical units
     norm: np.ndarray  # (N,)
-    cond: torch.Tensor  # (N, 4, H, W)
+    cond: torch.Tensor  # (N, 4, T, T)
+    cond_scale: np.ndarray  # (N,) the factor the networks are conditioned on (tiles: the one actually applied)
+    slice_shapes: list[tuple[int, int]]  # (n1, n2) of each map's full slice
+    tile_origins: list[tuple[int, int]]  # slice pixel of tile pixel (0, 0)
+    mask_in_tile: np.ndarray  # (N,) bool: the slice's whole mask lies inside the tile
+    tiled: bool = False
+
+    @property
+    def lr_shapes(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in np.shape(x)) for x in self.lr]
+
+    @property
+    def lr_text(self) -> str:
+        """'LR 16×16 → 64×64' (legacy) or the range of per-slice LR matrices and the tile size."""
+        tile = self.gt.shape[-1]
+        if not self.tiled:
+            return f"LR {self.lr_size}×{self.lr_size} → {tile}×{tile}"
+        shapes = sorted(self.lr_shapes, key=lambda m: m[0] * m[1])
+        span = f"{shapes[0][0]}×{shapes[0][1]}" + (f" … {shapes[-1][0]}×{shapes[-1][1]}" if len(set(shapes)) > 1
+                                                     else "")
+        return f"LR {span} per slice, {tile}×{tile} tiles"
+
+    def on_slice(self, i: int, image: np.ndarray) -> np.ndarray | None:
+        """A map-i tile image placed on its full slice (zeros elsewhere); None when the slice's mask reaches
+        outside the tile (the masked output is then unknown there)."""
+        if not self.mask_in_tile[i]:
+            return None
+        return place_tile(np.asarray(image), self.tile_origins[i], self.slice_shapes[i])
+
+    def kspace_error(self, i: int, image: np.ndarray) -> float:
+        """kspace_consistency_error of a masked map-i output on its slice's grid (NaN: mask outside the tile)."""
+        full = self.on_slice(i, image)
+        return float("nan") if full is None else kspace_consistency_error(full, self.lr[i], self.norm[i])
+
+    def high_frequency_ratio(self, i: int, image: np.ndarray) -> float:
+        """high_frequency_ratio of a map-i output against its ground truth outside the measured block."""
+        if not self.tiled:
+            return high_frequency_ratio(self.gt[i], image, self.lr_size)
+        out, gt = self.on_slice(i, image), self.on_slice(i, self.gt[i])
+        return float("nan") if out is None else high_frequency_ratio(gt, out, self.lr_shapes[i])
+
+
+def _overlap(origin: Sequence[int], tile: int, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(slice-grid slices, tile-grid slices) where a tile×tile window at `origin` overlaps an n1×n2 slice."""
+    on_slice, on_tile = [], []
+    for o, n in zip(origin, shape):
+        lo, hi = max(int(o), 0), min(int(o) + tile, int(n))
+        on_slice.append(slice(lo, max(hi, lo)))
+        on_tile.append(slice(lo - int(o), max(hi, lo) - int(o)))
+    return tuple(on_slice), tuple(on_tile)
+
+
+def cut_tile(image: np.ndarray, origin: Sequence[int], tile: int) -> np.ndarray:
+    """The tile×tile window of a full-slice image (…, n1, n2) whose pixel (0, 0) is slice pixel `origin`."""
+    image = np.asarray(image)
+    on_slice, on_tile = _overlap(origin, tile, image.shape[-2:])
+    out = np.zeros(image.shape[:-2] + (tile, tile), dtype=image.dtype)
+    out[(..., *on_tile)] = image[(..., *on_slice)]
+    return out
+
+
+def place_tile(image: np.ndarray, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """The inverse of cut_tile: a tile (…, T, T) on a zero n1×n2 slice grid."""
+    image = np.asarray(image)
+    on_slice, on_tile = _overlap(origin, image.shape[-1], shape)
+    out = np.zeros(image.shape[:-2] + tuple(int(n) for n in shape), dtype=image.dtype)
+    out[(..., *on_slice)] = image[(..., *on_tile)]
+    return out
 
 
 def select_subset(n: int, max_maps: int | None) -> np.ndarray:
@@ -322,8 +398,12 @@ def test_split(data_dir: Path, fold: int, split_seed: int) -> tuple[list[str], l
 
 def load_test_maps(data_dir: Path, test_ids: Sequence[str], scales: Sequence[float], max_maps: int | None,
                    image_size: int = 64) -> dict[float, ScaleData]:
-    """Per scale: the test maps (SliceDataset, no augmentation, fixed LR size), GT ⊙ M and the LR measurement."""
-    from .data import SliceDataset, load_dataset
+    """Per scale: the test maps (SliceDataset, no augmentation), GT ⊙ M and the LR measurement.
+
+    Legacy data (every map image_size²) keeps the fixed LR size m = image_size / s per scale; any other grid
+    gives the image_size² tiles around the mask centre of examples derived on the full slice with factor s.
+    """
+    from .data import SliceDataset, is_legacy_grid, load_dataset
 
     patients = load_dataset(data_dir, test_ids)
     by_id = {p.patient_id: p for p in patients}
@@ -332,21 +412,67 @@ def load_test_maps(data_dir: Path, test_ids: Sequence[str], scales: Sequence[flo
         raise ValueError(f"{data_dir}: no slice of the test patients {list(test_ids)} has enough mask voxels; "
                          "expected maps with a quality/brain mask")
     pick = select_subset(len(ds), max_maps)
-    out = {}
-    for s in scales:
-        m = lr_size_for(s, image_size)
-        ds.set_lr_size(m)
-        items = [ds[int(i)] for i in pick]
-        hr = np.stack([by_id[it["patient"]].maps[it["metabolite"]][:, :, it["slice"]] for it in items])
-        gt = np.stack([it["x0"][0].numpy() for it in items])
-        mask = np.stack([it["mask"][0].numpy() > 0.5 for it in items])
-        norm = np.array([it["norm"] for it in items], dtype=np.float64)
-        if not np.allclose(gt, hr * mask / norm[:, None, None], rtol=1e-4, atol=1e-5):
-            raise AssertionError("dataset ground truth is not HR·M / norm; the evaluation's LR derivation is stale")
-        out[s] = ScaleData(scale=s, lr_size=m, ids=[(it["patient"], it["slice"], it["metabolite"]) for it in items],
-                           gt=gt, mask=mask, lr=np.abs(kspace.downsample(hr.astype(np.float64), m)), norm=norm,
-                           cond=torch.stack([it["cond"] for it in items]))
-    return out
+    legacy = is_legacy_grid(patients, image_size)
+    if legacy:
+        for s in scales:
+            lr_size_for(s, image_size)
+    load = _legacy_scale_data if legacy else _tiled_scale_data
+    return {float(s): load(ds, pick, by_id, float(s), image_size) for s in scales}
+
+
+def _legacy_scale_data(ds, pick, by_id, s: float, image_size: int) -> ScaleData:
+    """The paper's 64×64 maps: whole slices, LR m×m with m = image_size / s."""
+    m = lr_size_for(s, image_size)
+    ds.set_lr_size(m)
+    items = [ds[int(i)] for i in pick]
+    hr = np.stack([by_id[it["patient"]].maps[it["metabolite"]][:, :, it["slice"]] for it in items])
+    gt = np.stack([it["x0"][0].numpy() for it in items])
+    mask = np.stack([it["mask"][0].numpy() > 0.5 for it in items])
+    norm = np.array([it["norm"] for it in items], dtype=np.float64)
+    if not np.allclose(gt, hr * mask / norm[:, None, None], rtol=1e-4, atol=1e-5):
+        raise AssertionError("dataset ground truth is not HR·M / norm; the evaluation's LR derivation is stale")
+    n = len(items)
+    return ScaleData(scale=s, lr_size=m, ids=[(it["patient"], it["slice"], it["metabolite"]) for it in items],
+                     gt=gt, mask=mask, lr=np.abs(kspace.downsample(hr.astype(np.float64), m)), norm=norm,
+                     cond=torch.stack([it["cond"] for it in items]), cond_scale=np.full(n, s),
+                     slice_shapes=[hr.shape[-2:]] * n, tile_origins=[(0, 0)] * n, mask_in_tile=np.ones(n, bool))
+
+
+def _tiled_scale_data(ds, pick, by_id, s: float, image_size: int) -> ScaleData:
+    """Maps on any grid: LR of the full slice with factor s (m_a = round(n_a / s)), cut to the training tile."""
+    items = [ds[(int(i), s)] for i in pick]
+    gt, mask, lr, shapes, origins, inside = [], [], [], [], [], []
+    for it in items:
+        patient = by_id[it["patient"]]
+        z, norm = it["slice"], float(it["norm"])
+        hr = patient.maps[it["metabolite"]][:, :, z].astype(np.float64)
+        full_mask = (patient.quality_mask & patient.brain_mask)[:, :, z]
+        origin = tuple(int(v) for v in it["tile_origin"])
+        measured = np.abs(kspace.downsample(hr, tuple(it["lr_shape"])))
+        tile_mask = it["mask"][0].numpy() > 0.5
+        tile_gt = it["x0"][0].numpy()
+        # the dataset's tile must be the full slice's HR·M / norm and |zf(LR)| / norm cut at its origin
+        if not (np.array_equal(tile_mask, cut_tile(full_mask, origin, image_size))
+                and np.allclose(tile_gt, cut_tile(hr * full_mask / norm, origin, image_size), rtol=1e-4, atol=1e-5)):
+            raise AssertionError("dataset ground truth is not HR·M / norm of the full slice cut at the tile origin; "
+                                 "the evaluation's tiling is stale")
+        lr_channel = cut_tile(baselines.zero_filled(measured, hr.shape) / norm, origin, image_size)
+        signal = bool(it["cond"][0].any())  # a map without signal in M has no scale: its LR channel is left at 0
+        if signal and not np.allclose(it["cond"][0].numpy(), lr_channel, rtol=1e-4, atol=1e-5):
+            raise AssertionError("dataset LR channel is not |zero-fill(LR)| / norm of the full slice; the "
+                                 "evaluation's LR derivation is stale")
+        gt.append(tile_gt)
+        mask.append(tile_mask)
+        lr.append(measured)
+        shapes.append(hr.shape)
+        origins.append(origin)
+        inside.append(int(tile_mask.sum()) == int(full_mask.sum()))
+    return ScaleData(scale=s, lr_size=None, ids=[(it["patient"], it["slice"], it["metabolite"]) for it in items],
+                     gt=np.stack(gt), mask=np.stack(mask), lr=lr,
+                     norm=np.array([it["norm"] for it in items], dtype=np.float64),
+                     cond=torch.stack([it["cond"] for it in items]),
+                     cond_scale=np.array([it["scale"] for it in items], dtype=np.float64), slice_shapes=shapes,
+                     tile_origins=origins, mask_in_tile=np.array(inside, dtype=bool), tiled=True)
 
 
 def dataset_fingerprint(data_dir: Path, patient_ids: Sequence[str]) -> str:
@@ -381,9 +507,11 @@ class LoadedModel:
         return int(self.model.config.diffusion.num_timesteps) - 1
 
     def parameters(self, part: str) -> int:
+        """Parameters of one network ("encoder", "unet", "flow"); 0 for one the model lacks (a regression model)."""
         from .unet import count_parameters
 
-        return count_parameters(getattr(self.model, part))
+        network = getattr(self.model, part)
+        return 0 if network is None else count_parameters(network)
 
 
 def _training_metadata(path: Path) -> dict:
@@ -554,28 +682,43 @@ def sample_renoised(model, cond: torch.Tensor, scale, t_start: int, *, sampler: 
                         total_calls=calls, seconds=time.perf_counter() - started)
 
 
+def baseline_maps(fn, data: ScaleData) -> np.ndarray:
+    """A baseline (zero-filling, bicubic) of each map's measured LR onto its full slice, / norm, cut to its tile."""
+    norm = data.norm[:, None, None].astype(np.float32)
+    if not data.tiled:
+        return fn(data.lr, data.gt.shape[-1]) / norm
+    tile = data.gt.shape[-1]
+    return np.stack([cut_tile(fn(lr, shape), origin, tile) for lr, shape, origin
+                     in zip(data.lr, data.slice_shapes, data.tile_origins)]) / norm
+
+
 def execute(spec: RunSpec, data: ScaleData, models: dict[str, LoadedModel], opts: EvaluateOptions,
             device: torch.device, callback=None) -> dict[str, Any]:
     """Run one resolved spec on one scale's maps: outputs (N, H, W) mean and std, cost counters, seconds."""
     from .device import autocast, generator as make_generator
 
     started = time.perf_counter()
-    n, size = len(data.ids), data.gt.shape[-1]
+    n = len(data.ids)
     mask = data.mask.astype(np.float32)
     std = np.zeros_like(data.gt)
     samples = 1
     if spec.kind in ("zero_filled", "bicubic"):
         fn = baselines.zero_filled if spec.kind == "zero_filled" else baselines.bicubic
-        mean = fn(data.lr, size) / data.norm[:, None, None].astype(np.float32) * mask
+        mean = baseline_maps(fn, data) * mask
     else:
         model = models[spec.model].model
-        scale = torch.full((n,), float(spec.cond_scale or data.scale))
+        scale = (torch.full((n,), float(spec.cond_scale)) if spec.cond_scale else
+                 torch.as_tensor(data.cond_scale, dtype=torch.float32))
+        # tiles: the factor actually applied, √((n1/m1)(n2/m2)), may pass the trained range's ends by the
+        # rounding of m_a, as in training (run_evaluation checked the requested factors)
+        force = data.tiled
         with autocast(device, opts.bf16):
             if spec.kind == "flow":
                 res = None
                 mean = flow_estimate(model, data.cond, scale, opts.max_batch).float().numpy()[:, 0]
             elif spec.kind == "regression":
-                res = model.sample(data.cond, scale, sampler="regression", max_batch=opts.max_batch)
+                res = model.sample(data.cond, scale, sampler="regression", max_batch=opts.max_batch,
+                                   force_scale=force)
             elif spec.start == "renoised":
                 res = sample_renoised(model, data.cond, scale, spec.t_start, sampler=spec.sampler,
                                       steps=max(spec.steps, 1), tau_d=spec.tau_d, n_samples=opts.samples,
@@ -585,7 +728,7 @@ def execute(spec: RunSpec, data: ScaleData, models: dict[str, LoadedModel], opts
                 res = model.sample(data.cond, scale, sampler=spec.sampler, start=spec.start, t_trunc=spec.t_start,
                                    steps=max(spec.steps, 1), tau_d=spec.tau_d, tau_f=opts.tau_f,
                                    n_samples=opts.samples, generator=make_generator(device, opts.seed),
-                                   max_batch=opts.max_batch, callback=callback)
+                                   max_batch=opts.max_batch, callback=callback, force_scale=force)
         if res is not None:
             mean = res.mean.float().cpu().numpy()[:, 0]
             std = res.std.float().cpu().numpy()[:, 0]
@@ -604,6 +747,9 @@ def cache_key(spec: RunSpec, data: ScaleData, models: dict[str, LoadedModel], op
     """SHA-256 of everything that determines a run's outputs (never its name, label or batch size)."""
     key = {"version": CACHE_VERSION, "ftddm": __version__, "spec": spec.identity(), "scale": data.scale, "lr_size": data.lr_size,
            "maps": hashlib.sha256(json.dumps(data.ids).encode()).hexdigest(), **context}
+    if data.tiled:  # the tiles: their size, origins and LR matrices
+        key["tiles"] = hashlib.sha256(json.dumps([data.gt.shape[-1], data.tile_origins, data.lr_shapes]).encode()
+                                      ).hexdigest()
     if spec.model != "none":
         key.update(model_sha256=models[spec.model].sha256, device=device.type, bf16=opts.bf16)
     if spec.stochastic:
@@ -709,8 +855,6 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
     models = load_models(model_path, ddpm_model, regression_model, device)
     main = models["main"]
     image_size = int(main.model.config.unet.image_size)
-    for s in opts.scales:
-        lr_size_for(s, image_size)
     for lm in models.values():
         try:
             lm.model.check_scale(torch.tensor(opts.scales))
@@ -782,7 +926,7 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
             d = data[job.scale]
             rows = []
             for i, mid in enumerate(d.ids):
-                row = map_metrics(d.gt[i], res["mean"][i], d.mask[i], d.lr[i], d.norm[i])
+                row = map_metrics(d, i, res["mean"][i])
                 if lpips_fn is not None:
                     row["lpips"] = lpips_fn(d.gt[i], res["mean"][i])
                 rows.append(row)
@@ -939,19 +1083,20 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
         for s in opts.scales:
             res, rows = ctx.result(name, s), ctx.metric_rows(name, s)
             d = ctx.data[s]
-            for mid, r in zip(d.ids, rows):
-                per_map.append({"method": name, "scale": s, "lr_size": d.lr_size, "patient": mid[0], "slice": mid[1],
+            for mid, lr_shape, r in zip(d.ids, d.lr_shapes, rows):
+                per_map.append({"method": name, "scale": s, "lr_size": max(lr_shape), "patient": mid[0], "slice": mid[1],
                                 "metabolite": mid[2], **r})
             agg = aggregate([{"g": 0, **r} for r in rows], ["g"], names)[0]
             agg.pop("g")
             lm = ctx.models.get(spec.model)
-            method_rows.append({"method": name, "label": spec.label, "scale": s, "lr_size": d.lr_size,
+            method_rows.append({"method": name, "label": spec.label, "scale": s,
+                                "lr_size": d.lr_size if not d.tiled else _lr_range(d),
                                 "model": "–" if lm is None else f"{MODEL_ROLES[lm.role]} {lm.path.name}",
                                 "model_sha256": "" if lm is None else lm.sha256, "nfe": res["nfe"],
                                 "flow_passes": res["flow_passes"], "samples": res["samples"],
                                 "seconds_per_map": res["seconds"] / max(len(d.ids), 1),
                                 "parameters": parameters_of(spec, ctx.models), "cached": res["cached"], **agg})
-    gt_kspace = {s: finite_stats([kspace_consistency_error(d.gt[i], d.lr[i], d.norm[i]) for i in range(len(d.ids))])
+    gt_kspace = {s: finite_stats([d.kspace_error(i, d.gt[i]) for i in range(len(d.ids))])
                  for s, d in ctx.data.items()}
     write_csv(out / "per_map.csv", per_map)
     write_csv(out / "methods.csv", method_rows)
@@ -983,7 +1128,7 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
         cols = _panel_columns(ctx, s)
         if len(cols) > 1:
             figs[f"panels_s{s:g}"] = figures.panels(cols, fig_dir / f"panels_s{s:g}.png",
-                                                    title=f"s = {s:g} (LR {ctx.data[s].lr_size}² → 64²)")
+                                                    title=f"s = {s:g} ({_panel_lr_text(ctx.data[s])})")
 
     headline = headline_answer(method_rows, tests, ctx)
     text = _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes, figs, headline)
@@ -999,6 +1144,16 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
             "lpips": ctx.lpips_note, "jobs": len(ctx.jobs),
             "jobs_from_cache": sum(bool(r.get("cached")) for r in ctx.results.values()),
             "compute_seconds": _compute_seconds(ctx)}  # recorded time of every run, cached ones included
+
+
+def _lr_range(d: ScaleData) -> str:
+    """'m' or 'min–max' of the per-slice LR sizes max(m1, m2) (methods.csv of tiled data)."""
+    sizes = [max(m) for m in d.lr_shapes]
+    return f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}–{max(sizes)}"
+
+
+def _panel_lr_text(d: ScaleData) -> str:
+    return f"LR {d.lr_size}² → 64²" if not d.tiled else d.lr_text
 
 
 def _mean_metric(rows: list[dict], name: str) -> float:
@@ -1020,7 +1175,7 @@ def _run_study(ctx: ReportContext, study: str, fig_dir: Path):
             for s in opts.scales:
                 d, res, mrows = ctx.data[s], ctx.result(spec.name, s), ctx.metric_rows(spec.name, s)
                 grad = [gradient_ratio(d.gt[i], res["mean"][i], d.mask[i]) for i in range(len(d.ids))]
-                hf = [high_frequency_ratio(d.gt[i], res["mean"][i], d.lr_size) for i in range(len(d.ids))]
+                hf = [d.high_frequency_ratio(i, res["mean"][i]) for i in range(len(d.ids))]
                 rows.append({"scale": s, "tau_d": spec.tau_d, "nfe": res["nfe"], "samples": res["samples"],
                              "psnr": _mean_metric(mrows, "psnr"), "ssim": _mean_metric(mrows, "ssim"),
                              "nrmse": _mean_metric(mrows, "nrmse"), "gradient_ratio": finite_stats(grad)[0],
@@ -1198,13 +1353,17 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
     if recorded.get("test") and recorded.get("fold") == opts.fold and list(recorded["test"]) != list(ctx.test_ids):
         L.append(f"- **Warning**: the model records test patients {recorded['test']} for fold {opts.fold}, "
                  f"this split gives {ctx.test_ids} (another dataset or split seed?).")
-    L += ["", md_table(["role", "file", "sha256", "config", "T", "Ttrunc", "UNet params", "flow params", "training"],
+    L += ["", md_table(["role", "file", "sha256", "config", "T", "Ttrunc", "encoder params", "UNet params",
+                        "flow params", "training"],
                        [[MODEL_ROLES[r], f"`{m.path.name}`", f"`{m.sha256[:12]}`", m.model.config.name,
-                         m.last_index + 1, m.t_trunc, m.parameters("unet"), m.parameters("flow"), _training_line(m)]
+                         m.last_index + 1, m.t_trunc, m.parameters("encoder"), m.parameters("unet"),
+                         m.parameters("flow"), _training_line(m)]
                         for r, m in ctx.models.items()])]
-    for role in ("ddpm", "regression"):
-        if role not in ctx.models:
-            L.append(f"\n{MODEL_ROLES[role]} not given: methods that need it are skipped (see below).")
+    if "ddpm" not in ctx.models:
+        L.append(f"\n{MODEL_ROLES['ddpm']} not given: methods that need it are skipped (see below).")
+    if "regression" not in ctx.models:  # FTDDM v2 (resolve_spec): the encoder is the one-pass regression
+        L.append(f"\n{MODEL_ROLES['regression']} not given: the one-pass regression is the FTDDM model's SR "
+                 "encoder.")
 
     # headline
     L += ["", "## Headline: fast FTDDM vs full-chain DDPM", ""]
@@ -1246,8 +1405,7 @@ def _report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes,
         rows = [r for r in method_rows if r["scale"] == s]
         if not rows:
             continue
-        m = ctx.data[s].lr_size
-        L += ["", f"### s = {s:g} (LR {m}×{m} → 64×64, {len(ctx.data[s].ids)} maps)", ""]
+        L += ["", f"### s = {s:g} ({ctx.data[s].lr_text}, {len(ctx.data[s].ids)} maps)", ""]
         body = []
         for r in rows:
             body.append([r["label"], r["model"], r["nfe"], r["flow_passes"], f"{r['seconds_per_map']:.3g}",
@@ -1376,6 +1534,18 @@ def _notes(ctx: ReportContext) -> list[str]:
         f"Test split: data.patient_folds(k = min(5, patients), fold, seed {ctx.split_seed}) — the split "
         "`ftddm train` uses with the same seed.",
     ]
+    if any(d.tiled for d in ctx.data.values()):
+        tile = next(iter(ctx.data.values())).gt.shape[-1]
+        notes.append(
+            f"In-vivo-like data (maps not {tile}×{tile}): maps are {tile}×{tile} tiles around the mask centre "
+            "(data.tile_example without rng, as training derives its examples). The LR map is derived on the full "
+            "slice (m_a = round(n_a / s), at least 4), its scale and y too, and only then cut; zero-filling and "
+            "bicubic are computed from the full slice's LR and cut at the same place, so every method sees the "
+            "same pixels. Metrics are over the tile; networks are conditioned on the factor the slice actually got, "
+            "√((n1/m1)·(n2/m2)). The k-space error and the HF energy ratio place the tile on its full slice and "
+            "are left out (NaN) for maps whose mask reaches outside the tile "
+            f"({sum(int((~d.mask_in_tile).sum()) for d in ctx.data.values())} of "
+            f"{sum(len(d.ids) for d in ctx.data.values())} maps over all scales).")
     if ctx.opts.bf16:
         notes.append("bf16 autocast was on: expect differences of about 1% from float32.")
     return notes

@@ -14,6 +14,13 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def invivo_dataset(tmp_path_factory):
+    """Three in-vivo-like patients (`ftddm phantom --realism invivo`): map grids 39×45, 73×70 and 47×52."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "invivo", patients=3, seed=11, realism="invivo",
+                                 kind="mixed")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory):
     """A tiny FTDDM with small random (non-identity) weights saved as safetensors."""
     torch.manual_seed(0)

@@ -35,13 +35,13 @@ def lr_of(hr, m):
     return np.abs(kspace.downsample(hr, m))
 
 
-@pytest.mark.parametrize("m", [8, 9, 16])
-def test_kspace_error_equals_the_image_domain_error_by_parseval(m):
-    rng = np.random.default_rng(m)
-    hr, out = rng.random((64, 64)), rng.random((64, 64))
+@pytest.mark.parametrize("m,shape", [(8, (64, 64)), (9, (64, 64)), (16, (64, 64)), ((9, 14), (45, 70))])
+def test_kspace_error_equals_the_image_domain_error_by_parseval(m, shape):
+    rng = np.random.default_rng(np.sum(m))
+    hr, out = rng.random(shape), rng.random(shape)
     lr, norm = lr_of(hr, m), 1.7
-    # orthonormal FFT: the central block of K(out) equals (64/m)·K(downsample(out, m)), so the k-space norm
-    # ratio is the image-domain ratio on the m×m grid
+    # orthonormal FFT: the central block of K(out) equals √(n1·n2/(m1·m2))·K(downsample(out, m)), so the
+    # k-space norm ratio is the image-domain ratio on the m1×m2 grid (in-vivo-like slices are not square)
     expected = np.linalg.norm(kspace.downsample(out, m) - lr / norm) / np.linalg.norm(lr / norm)
     assert ev.kspace_consistency_error(out, lr, norm) == pytest.approx(expected, rel=1e-10)
 
@@ -57,8 +57,8 @@ def test_kspace_error_zero_for_the_measurement_one_for_nothing_and_blind_to_high
     assert ev.kspace_consistency_error(consistent + stripes, lr, norm) < 1e-12
     low = np.cos(2 * np.pi * 3 * np.arange(64) / 64)[None, :] * np.ones((64, 1))  # k = ±3 inside the block
     assert ev.kspace_consistency_error(consistent + low, lr, norm) > 0.1
-    with pytest.raises(ValueError, match="square 2D LR"):
-        ev.kspace_consistency_error(consistent, lr[:, :5], norm)
+    with pytest.raises(ValueError, match="no larger than it"):
+        ev.kspace_consistency_error(consistent[:, :10], lr, norm)
 
 
 def test_sharpness_measures():
@@ -141,18 +141,34 @@ def test_parsing_and_scale_checks():
 
 # --- the re-noised flow start with an oracle network --------------------------------------------------
 def oracle_bundle(target, t_trunc=100):
-    """A model whose flow mode is √ᾱ_Ttrunc·target and whose UNet predicts the exact ε for that target."""
+    """A v2 model whose flow mode is √ᾱ_Ttrunc·target and whose ε-UNet predicts the exact ε for that target.
+
+    Its SR encoder returns a deliberately poor x̂0_enc = target / 2, so a start taken from the encoder instead of
+    the flow, or an ε-UNet not given x̂0_enc, fails these tests.
+    """
     schedule = DiffusionSchedule.cosine(1000)
     config = preset("tiny")
     config.diffusion.t_trunc = t_trunc
     a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+    shift = float(a[t_trunc].sqrt())
 
-    def unet(x, t, cond, scale):
-        ab = a[t].reshape(-1, 1, 1, 1)
-        return (x - ab.sqrt() * target[: len(x)]) / (1 - ab).sqrt()
+    def encode(cond, scale, valid=None):
+        return 0.5 * target[: len(cond)], []
 
-    flow = SimpleNamespace(sample=lambda cond, tau, generator=None: a[t_trunc].sqrt() * target[: len(cond)])
-    return SimpleNamespace(unet=unet, flow=flow, schedule=schedule, config=config)
+    def flow_sample(cond, x0_enc, features, tau, generator=None, valid=None):
+        return shift * target[: len(cond)]
+
+    def denoiser(cond, x0_enc, scale, valid=None):
+        torch.testing.assert_close(x0_enc, 0.5 * target[: len(cond)])
+
+        def eps(x, t):
+            ab = a[t].reshape(-1, 1, 1, 1)
+            return (x - ab.sqrt() * target[: len(x)]) / (1 - ab).sqrt()
+
+        return eps
+
+    return SimpleNamespace(encode=encode, flow_sample=flow_sample, denoiser=denoiser, flow_shift_factor=shift,
+                           schedule=schedule, config=config)
 
 
 def oracle_inputs(batch=2, size=16, seed=0):
@@ -256,6 +272,7 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
         assert section in report, section
     assert "**Answer: no.**" in report or "**Answer: yes.**" in report
     assert "re-noised flow start" in report and "LPIPS skipped" in report
+    assert "tiles around the mask centre" not in report  # legacy 64×64 maps are whole slices
     assert "`ftddm_anc_100`: starts at index 100, above the flow's index Ttrunc = 20" in report
 
     methods = read_csv(out / "methods.csv")
@@ -313,10 +330,103 @@ def test_truncated_model_is_never_run_from_noise(tiny_dataset, models, tmp_path,
     assert "not evaluated" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "UNet was trained on t ∈ [0, 20] only" in report
-    assert "no --regression-model given" in report
+    # FTDDM v2: without --regression-model the one-pass regression is the FTDDM model's own SR encoder
+    assert "no --regression-model given" not in report
+    assert "--regression-model not given: the one-pass regression is the FTDDM model's SR encoder" in report
     assert "**Not answered**" in report
     assert "needs --samples ≥ 2" in report
-    assert {r["method"] for r in read_csv(out / "methods.csv")} == {"zero_filled", "ftddm_dpmpp_10"}
+    methods = {r["method"]: r for r in read_csv(out / "methods.csv")}
+    assert set(methods) == {"zero_filled", "regression", "ftddm_dpmpp_10"}
+    encoder = FTDDM.load(models["main"]).encoder
+    assert int(methods["regression"]["parameters"]) == sum(p.numel() for p in encoder.parameters())
+    assert methods["regression"]["nfe"] == "1"
+
+
+# --- in-vivo-like data: any n1×n2 grid, evaluated on the training tiles ------------------------------------
+def test_invivo_maps_are_the_training_tiles_and_baselines_come_from_the_full_slice(invivo_dataset):
+    from ftddm_core.data import load_patient
+
+    ids = ["sub-001", "sub-002", "sub-003"]
+    d = ev.load_test_maps(invivo_dataset, ids, (4.0,), 9)[4.0]
+    assert d.tiled and d.gt.shape[1:] == d.mask.shape[1:] == d.cond.shape[2:] == (64, 64)
+    patients = {pid: load_patient(invivo_dataset / pid) for pid in {i[0] for i in d.ids}}
+    seen = set()
+    for i, (pid, z, met) in enumerate(d.ids):
+        p = patients[pid]
+        n, mask = p.shape[:2], (p.quality_mask & p.brain_mask)[:, :, z]
+        hr = p.maps[met][:, :, z].astype(np.float64)
+        m = tuple(max(int(np.floor(v / 4 + 0.5)), 4) for v in n)  # m_a = round(n_a / s), half up
+        assert d.slice_shapes[i] == n and d.lr_shapes[i] == m
+        np.testing.assert_allclose(d.lr[i], np.abs(kspace.downsample(hr, m)))
+        # the tile is centred on the mask's bounding box (an axis shorter than 64 is centred whole, zero-padded)
+        rows, cols = np.nonzero(mask)
+        for axis, (lo, hi) in enumerate(((rows.min(), rows.max()), (cols.min(), cols.max()))):
+            o = d.tile_origins[i][axis]
+            if n[axis] <= 64:
+                assert o == -((64 - n[axis]) // 2)
+                seen.add("padded")
+            else:
+                assert o == min(max((lo + hi + 1) // 2 - 32, 0), n[axis] - 64)
+                seen.add("cropped")
+        o1, o2 = d.tile_origins[i]  # the slice pixels the tile covers, by explicit index arithmetic
+        uu, vv = np.meshgrid(np.arange(64) + o1, np.arange(64) + o2, indexing="ij")
+        window = (uu >= 0) & (uu < n[0]) & (vv >= 0) & (vv < n[1])
+        gt_tile, mask_tile = np.zeros((64, 64)), np.zeros((64, 64), bool)
+        gt_tile[window] = (hr * mask / d.norm[i])[uu[window], vv[window]]
+        mask_tile[window] = mask[uu[window], vv[window]]
+        np.testing.assert_allclose(d.gt[i], gt_tile, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(d.mask[i], mask_tile)
+        assert d.mask_in_tile[i] == (mask_tile.sum() == mask.sum())
+        if d.mask_in_tile[i]:  # the ground truth's k-space error is the full slice's
+            assert d.kspace_error(i, d.gt[i]) == pytest.approx(
+                ev.kspace_consistency_error(hr * mask / d.norm[i], d.lr[i], d.norm[i]), rel=1e-5)
+    assert seen == {"padded", "cropped"}
+    assert d.cond_scale == pytest.approx([np.sqrt(np.prod(n) / np.prod(m))
+                                          for n, m in zip(d.slice_shapes, d.lr_shapes)])
+    # zero-filling from the full slice's LR, cut at the tile: exactly the model's LR channel inside M
+    opts = ev.EvaluateOptions(scales=(4.0,), methods=("zero_filled",), studies=())
+    zf = ev.execute(ev.method_specs()["zero_filled"], d, {}, opts, torch.device("cpu"))["mean"]
+    np.testing.assert_allclose(zf, d.cond[:, 0].numpy() * d.mask, rtol=1e-5, atol=1e-6)
+    bic = ev.execute(ev.method_specs()["bicubic"], d, {}, opts, torch.device("cpu"))["mean"]
+    assert np.all(bic[~d.mask] == 0) and np.corrcoef(bic[d.mask], zf[d.mask])[0, 1] > 0.8
+
+
+def test_bicubic_on_a_rectangular_grid_reproduces_a_linear_ramp():
+    """A cubic spline reproduces linear functions: a ramp sampled on the LR grid comes back on the HR grid."""
+    from ftddm_core import baselines
+    from ftddm_core.volume import hr_origin_index
+
+    (m1, m2), (n1, n2) = (24, 31), (96, 117)
+    ramp = lambda i, j: 0.3 * i - 0.2 * j  # noqa: E731
+    lr = ramp(*np.meshgrid(np.arange(m1), np.arange(m2), indexing="ij"))
+    # HR voxel centres in LR index units (sample-aligned grid), away from the borders, whose clamping
+    # ("nearest") reaches a few samples into the spline
+    c1, c2 = (hr_origin_index(m, n) + np.arange(n) * m / n for m, n in ((m1, n1), (m2, n2)))
+    out = baselines.bicubic(lr, (n1, n2))
+    inner = np.ix_((c1 >= 8) & (c1 <= m1 - 9), (c2 >= 8) & (c2 <= m2 - 9))
+    np.testing.assert_allclose(out[inner], ramp(*np.meshgrid(c1, c2, indexing="ij"))[inner], atol=1e-4)
+    np.testing.assert_array_equal(baselines.bicubic(lr[:9, :9], 27), baselines.bicubic(lr[:9, :9], (27, 27)))
+
+
+def test_evaluate_runs_on_an_invivo_like_dataset(invivo_dataset, models, tmp_path):
+    from skimage.metrics import structural_similarity
+
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(invivo_dataset), "--model", str(models["main"]), "--out", str(out),
+                 "--scales", "4", "--max-slices", "2", "--samples", "1", "--studies", "none", "--device", "cpu",
+                 "--methods", "zero_filled,bicubic,regression,flow_only,ftddm_dpmpp_10"]) == 0
+    report = (out / "report.md").read_text()
+    assert "maps are 64×64 tiles around the mask centre" in report and "64×64 tiles, 2 maps)" in report
+    per_map = read_csv(out / "per_map.csv")
+    assert {r["method"] for r in per_map} == {"zero_filled", "bicubic", "regression", "flow_only", "ftddm_dpmpp_10"}
+    assert all(np.isfinite(float(r["ssim"])) for r in per_map)
+    ids = ev.test_split(invivo_dataset, 0, 0)[1]
+    d = ev.load_test_maps(invivo_dataset, ids, (4.0,), 2)[4.0]
+    zf = d.cond[:, 0].numpy() * d.mask  # the model's own LR channel: the zero-filled baseline sees these pixels
+    for i, row in enumerate(r for r in per_map if r["method"] == "zero_filled"):
+        assert (row["patient"], int(row["slice"]), row["metabolite"]) == d.ids[i]
+        rng = float(d.gt[i].max() - d.gt[i].min())
+        assert float(row["ssim"]) == pytest.approx(structural_similarity(d.gt[i], zf[i], data_range=rng), rel=1e-4)
 
 
 def test_gap_diagnosis_subtracts_the_probe_methods_only_at_failing_scales():

@@ -1,6 +1,4 @@
 """Samplers vs diffusers' schedulers, an oracle denoiser, NFE counts, reproducibility, masking, data consistency."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -323,19 +321,19 @@ def test_oracle_denoiser_returns_x0(run):
     torch.testing.assert_close(run(oracle_eps(x0), x), x0, rtol=0, atol=1e-10)
 
 
-# --- a tiny fake FTDDM bundle: analytic / oracle unet and a fake flow ------------------------------------
+# --- a tiny fake FTDDM v2 bundle: analytic / oracle ε-UNet, an analytic encoder and a fake flow ----------
 class FakeFlow:
-    """x_Ttrunc = q_sample(LR, t_trunc, τ_f·z) with z from the given generator; records its calls."""
+    """x_Ttrunc = q_sample(x̂0_enc, t_trunc, τ_f·z) with z from the given generators; records its calls."""
 
     def __init__(self, t_trunc):
         self.t_trunc, self.calls = t_trunc, []
 
-    def sample(self, cond, tau, generator):
+    def sample(self, x0_enc, tau, generator):
         per_row = isinstance(generator, list)  # sample_ftddm passes one generator per chain
         gens = generator if per_row else [generator]
-        shape = (1, 1, *cond.shape[2:]) if per_row else cond[:, :1].shape
-        z = torch.cat([torch.randn(shape, generator=g, dtype=cond.dtype, device=cond.device) for g in gens])
-        x = SCHEDULE.q_sample(cond[:, :1], self.t_trunc, tau * z)
+        shape = (1, *x0_enc.shape[1:]) if per_row else x0_enc.shape
+        z = torch.cat([torch.randn(shape, generator=g, dtype=x0_enc.dtype, device=x0_enc.device) for g in gens])
+        x = SCHEDULE.q_sample(x0_enc, self.t_trunc, tau * z)
         self.calls.append(x)
         return x
 
@@ -358,10 +356,32 @@ def analytic_unet(x, t, cond, scale):
     return smooth_eps(x - cond[:, :1], t) * scale.reshape(-1, 1, 1, 1) / 4
 
 
+class FakeFTDDM:
+    """The FTDDM v2 interface sample_ftddm uses (encode, flow_sample, denoiser, schedule, config), analytic parts.
+
+    The encoder's x̂0_enc is the LR channel and its one feature level the T1 channel; the flow checks that it
+    gets the encoder's rows, so a chunk mixing up images fails here.
+    """
+
+    def __init__(self, unet, t_trunc):
+        self.config = preset("tiny")
+        self.config.diffusion.t_trunc = t_trunc
+        self.schedule, self.unet, self.flow, self.encoded = SCHEDULE, RecordingUNet(unet), FakeFlow(t_trunc), 0
+
+    def encode(self, cond, scale, valid=None):
+        self.encoded += len(cond)
+        return cond[:, :1].clone(), [cond[:, 2:3].clone()]
+
+    def flow_sample(self, cond, x0_enc, features, tau, generator=None, valid=None):
+        assert torch.equal(x0_enc, cond[:, :1]) and torch.equal(features[0], cond[:, 2:3])
+        return self.flow.sample(x0_enc, tau, generator)
+
+    def denoiser(self, cond, x0_enc, scale, valid=None):
+        return lambda x_t, t: self.unet(x_t, t, cond, scale)
+
+
 def fake_model(unet=oracle_unet, t_trunc=100):
-    config = preset("tiny")
-    config.diffusion.t_trunc = t_trunc
-    return SimpleNamespace(unet=RecordingUNet(unet), flow=FakeFlow(t_trunc), schedule=SCHEDULE, config=config)
+    return FakeFTDDM(unet, t_trunc)
 
 
 def make_cond(batch=2, size=8, seed=0, full_mask=False):
@@ -408,7 +428,10 @@ def test_flow_start_is_at_exactly_t_trunc_and_counts_are_reported():
     expected = model.flow.calls[0] * torch.cat([mask, mask])[:4]  # one batched flow call per chunk
     torch.testing.assert_close(first_x, expected)
     assert [t[0].item() for _, t in model.unet.calls[:6]] == space_timesteps(37, 5)
-    assert result.nfe == 6 and result.total_calls == 12  # 6 chains in chunks of 4 + 2
+    # 6 chains in chunks of 4 + 2: 2 × 6 ε-UNet calls, plus one encoder call for the 3 images (once per image,
+    # not per chain)
+    assert result.nfe == 6 and len(model.unet.calls) == 12 and model.encoded == 3
+    assert result.total_calls == 12 + 1
 
 
 @pytest.mark.parametrize("sampler,first_t", [("ddpm", 999), ("dpmpp", 995), ("dpmpp-sde", 995)])
