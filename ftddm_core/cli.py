@@ -77,8 +77,18 @@ def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
     opts = _dataclass_from_args(TrainOptions, args)
-    config = preset(args.config)
+    init = None
+    if args.init is not None:  # fine-tune a trained model (e.g. the shipped default) on the user's data
+        from .model import DEFAULT_MODEL, FTDDM
+
+        init = FTDDM.load(DEFAULT_MODEL if str(args.init) == "default" else args.init)
+        config = init.config
+    else:
+        config = preset(args.config)
     if args.t_trunc is not None:
+        if init is not None and args.t_trunc != config.diffusion.t_trunc:
+            raise ValueError(f"--t-trunc {args.t_trunc}: --init {args.init} was trained for Ttrunc = "
+                             f"{config.diffusion.t_trunc}; fine-tuning keeps it")
         config.diffusion.t_trunc = args.t_trunc
     src, val, info = training_sources(args.data, fold=args.fold, seed=args.seed)
     progress = ProgressPrinter("train", args.progress_lines)
@@ -88,7 +98,7 @@ def cmd_train(args) -> int:
         progress(int(row["step"]), int(row["iterations"]), msg)
 
     summary = train(config, src, args.out, opts, val_source=val, resume=args.resume, force=args.force,
-                    progress=report, data_info=info)
+                    progress=report, data_info=info, init=init)
     progress.close()
     print(f"trained {summary['step']} iterations in {summary['seconds']:.0f} s → {args.out}/model.safetensors "
           f"(best validation loss {summary['best_val']:.4g})")
@@ -174,6 +184,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--fold", type=int, default=0)
     sp.add_argument("--t-trunc", type=int, default=None, help="truncation index Ttrunc (default: config's)")
+    sp.add_argument("--init", type=Path, default=None,
+                    help="fine-tune: start from this model's weights and config ('default' = the shipped model)")
     sp.add_argument("--resume", action="store_true", help="continue OUT/last.safetensors")
     sp.add_argument("--force", action="store_true", help="overwrite an earlier run in OUT")
     if wanted("train"):

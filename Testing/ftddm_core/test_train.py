@@ -187,3 +187,21 @@ def test_two_process_ddp_on_cpu(tiny_dataset, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert "rank 0 world 2" in outs[0] and "rank 1 world 2" in outs[1]
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+def test_cli_fine_tunes_from_an_initial_model(tiny_dataset, tmp_path):
+    """`ftddm train --init MODEL` starts from that model's weights and config (fine-tuning on one's own data)."""
+    from ftddm_core.cli import main
+
+    run(tiny_dataset, tmp_path / "base", 2)
+    base = FTDDM.load(tmp_path / "base" / "model.safetensors")
+    args = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "tuned"), "--init",
+            str(tmp_path / "base" / "model.safetensors"), "--iterations", "1", "--batch-size", "2", "--val-every", "1",
+            "--val-batches", "1", "--lr", "0", "--flow-lr", "0", "--device", "cpu", "--config", "compact"]
+    assert main(args) == 0
+    tuned = FTDDM.load(tmp_path / "tuned" / "model.safetensors")
+    assert tuned.config.name == "tiny"  # the initial model's config wins over --config
+    # learning rate 0 and EMA: the weights are the initial model's (actnorm is not re-initialised either)
+    for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert main([*args[:3], str(tmp_path / "tuned2"), *args[4:6], "--t-trunc", "50", *args[6:]]) == 2
