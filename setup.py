@@ -30,9 +30,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # `ftddm bids` (docs/bids.md): pybids queries the dataset (it brings bidsschematools, the schema tools).
+        "bids": ["pybids>=0.16"],
         # Only `make test` installs these (`make demo` does not): diffusers = reference schedulers; slicer-core =
-        # Slicer's real MRML libraries (it brings vtk) for the module's tests.
-        "test": ["pytest>=7", "diffusers>=0.30", "slicer-core==5.12.4.0"],
+        # Slicer's real MRML libraries (it brings vtk) for the module's tests; pybids for `ftddm bids`, and
+        # dask.distributed for the cohort example (scripts/cohort/dask_cohort.py) the tests run.
+        "test": ["pytest>=7", "diffusers>=0.30", "slicer-core==5.12.4.0", "pybids>=0.16", "distributed>=2023.1"],
     },
     entry_points={"console_scripts": ["ftddm=ftddm_core.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The `ftddm` command line: phantom, train, super-resolve, demo, evaluate.
+"""The `ftddm` command line: phantom, train, super-resolve, bids, demo, evaluate.
 
 Each subcommand is a thin layer over the Python API; errors a user can fix are printed as one clear line
 (exit code 2) instead of a traceback.
@@ -119,6 +119,44 @@ def cmd_super_resolve(args) -> int:
     return 0
 
 
+def cmd_bids(args) -> int:
+    """A BIDS App: `participant` super-resolves sessions (exit 1 if any failed), `group` writes the report."""
+    from .bids import load_filter_file
+
+    query = dict(participants=args.participant_label, sessions=args.session_label, mets=args.met,
+                 mrsi_derivatives=args.mrsi_derivatives, filters=load_filter_file(args.bids_filter_file),
+                 mrsi_desc=None if args.mrsi_desc.lower() == "none" else args.mrsi_desc)
+    if args.analysis_level == "group":
+        from .bids_report import run_group
+
+        run_group(args.bids_dir, args.output_dir, **query)
+        return 0
+    from .bids import run_participants
+    from .pipeline import SuperResolveOptions
+
+    opts = _dataclass_from_args(SuperResolveOptions, args)
+    bars = []
+
+    def progress_for(label):
+        bars.append(ProgressPrinter(label, args.progress_lines))
+        return bars[-1]
+
+    try:
+        outcome = run_participants(args.bids_dir, args.output_dir, model_path=args.model, options=opts,
+                                   overwrite=args.overwrite, nan_policy=args.nan_policy,
+                                   report=lambda line: print(line, flush=True), progress_factory=progress_for,
+                                   **query)
+    finally:
+        for bar in bars:
+            bar.close()
+    failed = outcome["failed"]
+    print(f"{len(outcome['done'])} done, {len(outcome['skipped'])} skipped (finished earlier), {len(failed)} failed")
+    if failed:
+        print("ftddm bids: failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -211,6 +249,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_super_resolve)
 
+    sp = common(sub.add_parser("bids", help="BIDS App: super-resolve a BIDS dataset's MRSI maps per participant "
+                                            "(docs/bids.md)"))
+    sp.add_argument("bids_dir", type=Path, help="the BIDS dataset (raw, with anat/ T1w and FLAIR)")
+    sp.add_argument("output_dir", type=Path, help="the derivatives dataset to write (e.g. BIDS_DIR/derivatives/ftddm)")
+    sp.add_argument("analysis_level", choices=("participant", "group"))
+    sp.add_argument("--participant-label", nargs="+", default=[], help="labels (01 or sub-01); default: all")
+    sp.add_argument("--session-label", nargs="+", default=[], help="labels (V1 or ses-V1); default: all")
+    sp.add_argument("--mrsi-derivatives", help="the MRSI derivatives dataset: a folder name in BIDS_DIR/derivatives "
+                                               "or a path (default: every derivatives dataset there)")
+    sp.add_argument("--mrsi-desc", default="signal", help="desc- of the metabolite maps (default: signal; "
+                                                          "'none' for maps without desc)")
+    sp.add_argument("--met", nargs="+", default=[], help="metabolites (met- labels, e.g. NAA tCho); default: all")
+    sp.add_argument("--bids-filter-file", type=Path, help='JSON {"t1w"|"flair"|"mrsi"|"mask": {entity: value}} to '
+                                                          "pick one image where several match")
+    sp.add_argument("--model", type=Path, help="model .safetensors (default: the shipped model)")
+    sp.add_argument("--overwrite", action="store_true", help="redo finished sessions")
+    sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
+                    help="NaN/inf voxels in an input: refuse (default) or set them to 0 with a warning")
+    if wanted("bids"):
+        from .pipeline import SuperResolveOptions
+
+        _add_dataclass_flags(sp, SuperResolveOptions)
+    sp.set_defaults(func=cmd_bids)
+
     sp = common(sub.add_parser("evaluate", help="compare methods on a fold's test patients: metrics, "
                                                 "statistics, studies, report"))
     sp.add_argument("--data", required=True, type=Path, help="dataset folder (docs/dataset_format.md)")
@@ -279,6 +341,7 @@ def _one_line_warnings(command: str) -> None:
 
 #: What an interrupt leaves, per command (the demo reports its own cleanup).
 _INTERRUPT_NOTE = {"super-resolve": "no partial outputs were left",
+                   "bids": "finished sessions are kept, the interrupted one left no partial outputs; rerun to resume",
                    "train": "rerun with --resume to continue from the last checkpoint"}
 
 

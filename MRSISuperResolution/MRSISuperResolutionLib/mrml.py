@@ -221,6 +221,23 @@ def store_outputs(scene, inputNode, maps: dict, settings: str = "", *, interpola
     return nodes
 
 
+
+def load_map_outputs(scene, files: dict, name: str) -> dict:
+    """Nodes for one map's saved outputs ({kind: NIfTI path}, e.g. bidsoutputs.MapOutputs.files), named
+    <name><suffix>, with the matched display of show_outputs; returns {kind: node}."""
+    from . import niftiio
+
+    nodes = {}
+    for kind, path in files.items():
+        if kind not in OUTPUT_SUFFIX:
+            raise ValueError(f"output kind must be one of {tuple(OUTPUT_SUFFIX)}, got {kind!r}")
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name + OUTPUT_SUFFIX[kind])
+        set_volume_from_arrays(node, *niftiio.read_nifti(path))
+        node.SetAttribute(ROLE_ATTRIBUTE, kind)
+        nodes[kind] = node
+    show_outputs(scene, nodes)
+    return nodes
+
 # --------------------------------------------------------------------------------------- layouts/views
 def register_layout(layoutNode, layoutId: int, xml: str) -> None:
     """Add (or, after a module reload, replace) a layout description under a fixed id."""
