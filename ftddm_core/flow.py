@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .padding import masked as _masked, valid_pyramid
 from .config import FlowConfig
 
 #: Seed of the generator that draws the random orthogonal initial 1×1 convolutions (reproducible models).
@@ -114,9 +115,6 @@ def _matrix_inverse(w: torch.Tensor) -> torch.Tensor:
         return torch.linalg.inv(w.cpu().double()).to(device=w.device, dtype=w.dtype)
     return torch.linalg.inv(w.double()).to(w.dtype)
 
-
-def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    return x if valid is None else x * valid.to(x.dtype)
 
 
 def _pixel_count(x: torch.Tensor, valid: torch.Tensor | None):
@@ -244,14 +242,6 @@ class ConditionEncoder(nn.Module):
         return h
 
 
-def valid_pyramid(valid: torch.Tensor | None, levels: int) -> list:
-    """The valid mask at resolutions 1, ½, …, 1/2**(levels−1); a cell is valid if any of its pixels is."""
-    if valid is None:
-        return [None] * levels
-    out = [valid]
-    for _ in range(levels - 1):
-        out.append(F.max_pool2d(out[-1], 2, ceil_mode=True))
-    return out
 
 
 def _validate_config(cfg: FlowConfig) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .padding import masked as _masked, valid_pyramid
 from .config import UNetConfig
 
 
@@ -57,19 +58,7 @@ class ChannelNorm(nn.Module):
         return out.permute(0, 3, 1, 2)
 
 
-def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """x with everything outside the valid image region set to 0 (what a 3×3 conv's zero padding sees)."""
-    return x if valid is None else x * valid.to(x.dtype)
 
-
-def valid_pyramid(valid: torch.Tensor | None, levels: int) -> list[torch.Tensor | None]:
-    """The valid mask at each of `levels` resolutions (level i = 1/2**i); a cell is valid if any pixel is."""
-    if valid is None:
-        return [None] * levels
-    out = [valid]
-    for _ in range(levels - 1):
-        out.append(F.max_pool2d(out[-1], 2, ceil_mode=True))
-    return out
 
 
 def _zero(module: nn.Module) -> nn.Module:
