@@ -12,6 +12,7 @@ events. It stands in for the two Qt pieces slicer-core lacks:
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -56,7 +57,8 @@ def offscreen_rendering_problem() -> str | None:
         return f"offscreen render probe failed: {e}"
     if done.returncode == 0 and done.stdout.startswith("RENDERED"):
         return None
-    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)  # VTK colours its log lines
+    tail = text.strip().splitlines()[-3:]
     return ("VTK cannot render offscreen (set VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow or "
             "vtkOSOpenGLRenderWindow and install libEGL/libOSMesa): " + " | ".join(tail))
 

@@ -5,6 +5,7 @@ Checked against independent geometry: a pixel's RAS comes from Slicer's own XYTo
 voxel from the numpy affine the map was stored with.
 """
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -21,11 +22,23 @@ RESOURCES = Path(__file__).resolve().parents[2] / "MRSISuperResolution" / "Resou
 sys.path.insert(0, str(RESOURCES))
 offscreenviews = importlib.import_module("offscreenviews")
 sys.path.remove(str(RESOURCES))
-_problem = offscreenviews.offscreen_rendering_problem()
-if _problem:
-    pytest.skip(_problem, allow_module_level=True)
-
 from MRSISuperResolutionLib import mrml, readerstudy, sampledata  # noqa: E402
+
+REPO = RESOURCES.parents[1]
+_problem = offscreenviews.offscreen_rendering_problem()
+needs_offscreen = pytest.mark.skipif(bool(_problem), reason=_problem or "")
+
+
+def test_every_screenshot_url_names_a_committed_png():
+    text = (REPO / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "https://github.com/([^"]+)"\)', text).group(1)
+    assert {"overlay.png", "compare_layout.png"} <= {u.rsplit("/", 1)[1] for u in urls}
+    for url in urls:
+        prefix = f"https://raw.githubusercontent.com/{homepage}/main/"
+        assert url.startswith(prefix), url  # the same repository placeholder as EXTENSION_HOMEPAGE
+        png = REPO / url[len(prefix):]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 @pytest.fixture
@@ -77,6 +90,7 @@ def pixel_voxels(view, shape):
     return xy_to_ras, xy
 
 
+@needs_offscreen
 def test_overlay_view_colours_exactly_where_the_sr_map_has_signal(patient_with_outputs):
     from MRSISuperResolutionLib import resultviews
 
@@ -104,6 +118,7 @@ def window_level(node):
     return d.GetWindowLevelMin(), d.GetWindowLevelMax()
 
 
+@needs_offscreen
 def test_left_drag_adjusts_window_level_but_not_during_the_reader_study(patient_with_outputs):
     from MRSISuperResolutionLib import readerstudylogic
 
