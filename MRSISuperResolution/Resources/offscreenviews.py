@@ -19,9 +19,7 @@ import types
 
 import numpy as np
 
-# The overlay renderers' default sizes: each view is one tile of a screenshot.
-VIEW_SIZE = (400, 400)
-STANDARD_VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
+VIEW_SIZE = (400, 400)  # pixels of each offscreen view: one tile of a screenshot
 # Displayable managers of a slice view in Slicer (qMRMLSliceView) that slicer-core ships and that need no Qt.
 SLICE_DISPLAYABLE_MANAGERS = ("vtkMRMLCrosshairDisplayableManager", "vtkMRMLScalarBarDisplayableManager",
                               "vtkMRMLOrientationMarkerDisplayableManager", "vtkMRMLRulerDisplayableManager",
@@ -236,7 +234,8 @@ def install_application(scene):
     import slicer
     import vtk
 
-    if "slicer.i18n" not in sys.modules and not hasattr(slicer, "i18n"):
+    stub_i18n = "slicer.i18n" not in sys.modules and not hasattr(slicer, "i18n")
+    if stub_i18n:
         i18n = types.ModuleType("slicer.i18n")  # Slicer's translation helpers are Qt; identity here
         i18n.tr = lambda text: text
         i18n.translate = lambda context, text: text
@@ -260,6 +259,8 @@ def install_application(scene):
         appLogic.SetMRMLScene(None)
         colorLogic.SetMRMLScene(None)
         scene.Clear(1)
+        if stub_i18n:
+            sys.modules.pop("slicer.i18n", None)
 
     slicer.app = types.SimpleNamespace(layoutManager=lambda: layoutManager, applicationLogic=lambda: appLogic,
                                        close=close,

@@ -50,6 +50,8 @@ def app():
         sys.modules.pop("MRSISuperResolutionLib." + name, None)
     yield application
     application.close()
+    for name in ("readerstudylogic", "resultviews"):
+        sys.modules.pop("MRSISuperResolutionLib." + name, None)
     if not had_app:
         del slicer.app
 
@@ -81,13 +83,13 @@ def patient_with_outputs(app):
     return nodes, outputs, sr, hr_affine
 
 
-def pixel_voxels(view, shape):
-    """(i, j, k) of the SR voxel under each pixel (rounded), from the view's own XYToRAS, and whether in grid."""
+def pixel_ijk(view, shape, affine):
+    """Continuous (i, j, k) under each pixel centre: the view's own XYToRAS, then the map's inverse affine."""
     xy_to_ras = slicer.util.arrayFromVTKMatrix(view.sliceNode.GetXYToRAS())
     height, width = shape
     ys, xs = np.mgrid[0:height, 0:width]
     xy = np.stack([xs.ravel() + 0.5, (height - 1 - ys).ravel() + 0.5, np.zeros(xs.size), np.ones(xs.size)])
-    return xy_to_ras, xy
+    return (np.linalg.inv(affine) @ xy_to_ras @ xy)[:3].T.reshape(height, width, 3)
 
 
 @needs_offscreen
@@ -100,8 +102,7 @@ def test_overlay_view_colours_exactly_where_the_sr_map_has_signal(patient_with_o
     image = view.render().astype(int)
     assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # a real picture, not blank
 
-    xy_to_ras, xy = pixel_voxels(view, image.shape[:2])
-    ijk = (np.linalg.inv(hr_affine) @ xy_to_ras @ xy)[:3].T.reshape(*image.shape[:2], 3)
+    ijk = pixel_ijk(view, image.shape[:2], hr_affine)
     i, j, k = ijk[..., 0], ijk[..., 1], ijk[..., 2]
     in_slab = (k > -0.4) & (k < sr.shape[2] - 0.6)
     assert in_slab.mean() > 0.99  # rotated to the slab: the view plane is an SR slice
@@ -150,9 +151,11 @@ def test_left_drag_adjusts_window_level_but_not_during_the_reader_study(patient_
     # a reader who picks the W/L mouse mode during the reading: the drag acts, the shared window comes back
     interaction.SetCurrentInteractionMode(slicer.vtkMRMLInteractionNode.AdjustWindowLevel)
     viewA.left_drag((200, 200), (320, 120))
-    assert window_level(shownA) == pytest.approx(shared)
+    assert shownA.GetDisplayNode().GetMTime() > untouched  # the widget did act ...
+    assert window_level(shownA) == pytest.approx(shared)  # ... and the reading's observer put the window back
 
-    reading.endReading()
+    interaction.SetCurrentInteractionMode(slicer.vtkMRMLInteractionNode.ViewTransform)
+    reading.endReading()  # the mouse mode the user had before the reading comes back
     assert interaction.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.AdjustWindowLevel
     assert set(lm.sliceViewNames()) == {"Red", "Green", "Yellow"}
     red.render()
