@@ -20,4 +20,4 @@ COMMON=(--data runs/invivo50 --fold 0 --iterations 4000 --batch-size 8 --lr 2e-4
 OMP_NUM_THREADS=2 $PY -m ftddm_core.cli train --config compact --out runs/v2_fold0 "${COMMON[@]}" &
 OMP_NUM_THREADS=1 $PY -m ftddm_core.cli train --config ddpm --stage diffusion --out runs/ddpm_fold0 "${COMMON[@]}" &
 wait
-$PY scripts/package_default_model.py --run runs/v2_fold0 --heldout bench/invivo_kinds.json
+$PY scripts/package_default_model.py --run runs/v2_fold0

@@ -35,7 +35,6 @@ class SuperResolveParameters:
     data_consistency: float = 0.0  # λ ∈ [0, 1], blend of the measured central k-space
     seed: int = 0
     device: str = "auto"
-    factor: float = 0.0  # in-plane upscaling F (each axis m → round(F·m)); 0 = automatic (square m → 64)
     scale: float = 0.0  # conditioned upscaling factor; 0 = detected from the LR matrix
     factor: float = 0.0  # in-plane output factor F: matrix round(F·m) per axis; 0 = automatic (the model grid)
     slice_axis: int = -1  # −1 = automatic (through-slab axis)
