@@ -135,7 +135,7 @@ class MRSISuperResolutionParameterNode:
     # in-plane output factor F (output matrix round(F·m) per axis); 0 = automatic (64 / m, the model grid)
     factor: Annotated[float, ZeroOrWithinRange(2.0, 8.0)] = 0.0
     tauD: Annotated[float, WithinRange(0.0, 2.0)] = 0.9
-    tauF: Annotated[float, WithinRange(0.0, 2.0)] = 1.0
+    tauF: Annotated[float, WithinRange(0.0, 2.0)] = 0.7
     sampler: Annotated[str, Choice(list(SAMPLERS))] = "dpmpp"
     steps: Annotated[int, WithinRange(1, 1000)] = 10
     samples: Annotated[int, WithinRange(1, 64)] = 8

@@ -171,8 +171,10 @@ def cmd_evaluate(args) -> int:
     # every field comes from its flag (a field without one fails here, in the CLI tests, not silently)
     parsed = {"scales": parse_scales(args.scales), "methods": parse_names(args.methods, METHOD_NAMES, "method(s)"),
               "studies": parse_names(args.studies, STUDIES, "stud(y/ies)")}
-    opts = EvaluateOptions(**{f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name)
-                              for f in dataclasses.fields(EvaluateOptions)})
+    # a flag left unset (None) takes the dataclass default: the defaults live in one place, EvaluateOptions
+    given = {f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name)
+             for f in dataclasses.fields(EvaluateOptions)}
+    opts = EvaluateOptions(**{k: v for k, v in given.items() if v is not None or k in ("max_slices", "split_seed")})
     progress = ProgressPrinter("evaluate", args.progress_lines)
     summary = run_evaluation(args.data, args.model, args.out, opts, ddpm_model=args.ddpm_model,
                              regression_model=args.regression_model, progress=progress)
@@ -287,15 +289,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="all", help="all, none or a comma-separated list (see docs/evaluation.md)")
     sp.add_argument("--studies", default="all", help="all, none or some of tau_d,scale_mismatch,t_trunc,calibration")
     sp.add_argument("--max-slices", type=int, default=None, help="at most N maps per scale (CPU budgets)")
-    sp.add_argument("--samples", type=int, default=4, help="samples per map for stochastic methods (default: 4)")
+    sp.add_argument("--samples", type=int, default=None, help="samples per map for stochastic methods (default: 4)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--split-seed", type=int, default=None,
                     help="patient split seed (default: the one recorded in the model, else 0)")
-    sp.add_argument("--tau-d", type=float, default=0.9)
-    sp.add_argument("--tau-f", type=float, default=0.9)
+    sp.add_argument("--tau-d", type=float, default=None, help="(default: EvaluateOptions.tau_d, 0.9)")
+    sp.add_argument("--tau-f", type=float, default=None, help="(default: EvaluateOptions.tau_f, as super-resolve)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    sp.add_argument("--max-batch", type=int, default=64, help="chains per network call")
+    sp.add_argument("--max-batch", type=int, default=None, help="chains per network call (default: 64)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = common(sub.add_parser("demo", help="synthetic patient → low resolution → super-resolved, with a figure"))

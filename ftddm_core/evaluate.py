@@ -107,7 +107,7 @@ class EvaluateOptions:
     bf16: bool = False
     max_batch: int = 64
     tau_d: float = 0.9
-    tau_f: float = 1.0
+    tau_f: float = 0.7
     split_seed: int | None = None  # patient split seed; None = the one recorded in the model, else 0
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ class SuperResolveOptions:
     factor: float = 0.0  # in-plane upscaling F: each in-plane axis m → round(F·m); 0 = auto (square m → 64, F = 64/m)
     scale: float = 0.0  # conditioned upscaling factor s; 0 = the grid's (F, or √(n1/m1 · n2/m2) after rounding)
     tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm/dpmpp-sde): lower = smoother, higher PSNR
-    tau_f: float = 1.0  # flow temperature of the start point x_Ttrunc (1 = the distribution the flow's NLL trains)
+    tau_f: float = 0.7  # flow temperature of x_Ttrunc: 1 = calibrated spread, lower = closer to the encoder (README)
     sampler: str = "dpmpp"  # dpmpp (fast default) | dpmpp-sde (stochastic) | ancestral (paper Algorithm 1) | ddpm
     steps: int = 10  # solver steps for dpmpp / dpmpp-sde / ddpm
     spacing: str = "uniform"  # solver steps uniform in index | logsnr (uniform in λ = log α/σ)

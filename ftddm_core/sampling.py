@@ -476,7 +476,7 @@ def _chain_seeds(generator: torch.Generator | None, n_samples: int, batch: int) 
 
 @torch.no_grad()
 def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_trunc: int | None = None,
-                 steps: int = 10, tau_d: float = 0.9, tau_f: float = 1.0, n_samples: int = 1, start: str = "flow",
+                 steps: int = 10, tau_d: float = 0.9, tau_f: float = 0.7, n_samples: int = 1, start: str = "flow",
                  data_consistency: float = 0.0, measured_kspace: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, callback=None, max_batch: int | None = None,
                  keep_samples: bool = False, valid: torch.Tensor | None = None,

@@ -27,7 +27,7 @@ class SuperResolveParameters:
     """Sampling options of one run (names = `ftddm super-resolve` flags with '-' → '_')."""
 
     tau_d: float = 0.9  # diffusion noise temperature τ_d (ancestral and ddpm samplers)
-    tau_f: float = 1.0  # flow temperature τ_f of the truncated start point (1 = what the flow's NLL trains)
+    tau_f: float = 0.7  # flow temperature τ_f of the truncated start point (chosen on validation data)
     sampler: str = "dpmpp"
     steps: int = 10  # solver steps (dpmpp, dpmpp-sde, ddpm)
     spacing: str = "uniform"
