@@ -2,16 +2,23 @@
 # Reproduces the committed evaluations of the shipped default model (FTDDM v2):
 #   1. bench/evaluate_v2_fold0/: `ftddm evaluate` on fold 0's 10 test patients of runs/invivo50 (made by
 #      scripts/train_default_model.sh; 64×64 tiles around the mask centre, 30 maps per scale evenly spread),
-#      every method and study, with the full-chain DDPM comparison model runs/ddpm_fold0 trained with the same
-#      recipe (scripts/train_default_model.sh); the regression baseline is the model's own SR encoder.
-#   2. bench/invivo_kinds.{json,md}: held-out in-vivo-like patients of each kind (rectangular, noisy, 5 mm,
-#      mixed; seeds disjoint from any training cohort) on their full slices at F = 2, 3, 4.
-# On 2 CPU cores the two ran side by side (one thread each); the report states its compute time.
+#      every method but the 1000-step DDPM chain, and the calibration study; the DDPM baselines use the
+#      full-chain comparison model runs/ddpm_fold0 trained with the same recipe; the regression is the model's
+#      own SR encoder. About 20 core-minutes.
+#   2. bench/evaluate_v2_fold0_ddpm1000_s8/: the 1000-step DDPM chain against the default sampler at s = 8
+#      (about 17 core-minutes; s = 4 and 2 cost as much each and were not run).
+#   3. bench/invivo_kinds.{json,md}: held-out in-vivo-like patients of each kind (rectangular, noisy, 5 mm,
+#      mixed; seeds disjoint from any training cohort) on their full slices at F = 2, 3, 4 (about 4 minutes).
+# On 2 CPU cores they ran side by side with one thread each; the reports state their compute time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate --data runs/invivo50 --ddpm-model runs/ddpm_fold0/model.safetensors \
-  --fold 0 --scales 8,4,2 --max-slices 30 --samples 3 --seed 0 \
-  --studies calibration --progress-lines --out bench/evaluate_v2_fold0 &
-OMP_NUM_THREADS=1 $PY -m bench.invivo_kinds --overwrite --max-maps-per-kind 60 &
+DDPM=(--ddpm-model runs/ddpm_fold0/model.safetensors --data runs/invivo50 --fold 0 --max-slices 30 --samples 3
+      --seed 0 --progress-lines)
+OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8,4,2 --studies calibration \
+  --methods zero_filled,bicubic,regression,flow_only,ddpm_respaced_100,dpmpp_noise_100,dpmpp_noise_20,dpmpp_noise_10,ftddm_anc_100,ftddm_anc_50,ftddm_anc_20,ftddm_dpmpp_50,ftddm_dpmpp_20,ftddm_dpmpp_10 \
+  --out bench/evaluate_v2_fold0 &
+OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8 --studies none \
+  --methods ddpm_full,ftddm_dpmpp_10,regression,zero_filled --out bench/evaluate_v2_fold0_ddpm1000_s8 &
 wait
+OMP_NUM_THREADS=1 $PY -m bench.invivo_kinds --overwrite --max-maps-per-kind 60

@@ -21,9 +21,14 @@ def training_summary(run: Path) -> dict:
     logged = [r for r in rows if r.get("seconds_per_iter")]
     last = logged[-1]
     vals = [(int(float(r["step"])), float(r["val"])) for r in rows if r.get("val")]
+    data = dict(info["data"])
+    if "dataset" in data:  # never a machine-specific path in the shipped card: relative to the repository
+        root = Path(__file__).resolve().parents[1]
+        data["dataset"] = str(Path(data["dataset"]).resolve().relative_to(root)) \
+            if Path(data["dataset"]).resolve().is_relative_to(root) else Path(data["dataset"]).name
     return {"iterations": int(float(last["step"])),
             "wall_time_hours": round(float(last["seconds_per_iter"]) * int(float(last["step"])) / 3600, 2),
-            "options": info["options"], "data": info["data"],
+            "options": info["options"], "data": data,
             "final_train_losses": {k: round(float(last[k]), 4) for k in ("encoder", "diffusion", "nll", "guide")
                                    if last.get(k)},
             "validation_loss": {"first": vals[0], "best": min(vals, key=lambda v: v[1]), "last": vals[-1]}}
