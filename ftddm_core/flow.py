@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .padding import masked as _masked, valid_pyramid
+from .padding import masked as _masked, valid_pyramid, valid_size
 from .config import FlowConfig
 
 #: Seed of the generator that draws the random orthogonal initial 1×1 convolutions (reproducible models).
@@ -424,7 +424,7 @@ class ConditionalFlow(nn.Module):
         height, width = cond.shape[-2:]
         h, w = height, width
         if valid is not None:
-            h, w = int(valid[0, 0, :, 0].sum()), int(valid[0, 0, 0, :].sum())
+            h, w = valid_size(valid)
         m = self.size_multiple
         h, w = -(-h // m) * m, -(-w // m) * m  # the unpadded image rounded up to the flow's multiple
         rows = generator if isinstance(generator, (list, tuple)) else None

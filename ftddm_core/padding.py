@@ -23,3 +23,8 @@ def valid_pyramid(valid: torch.Tensor | None, levels: int) -> list[torch.Tensor 
     for _ in range(levels - 1):
         out.append(F.max_pool2d(out[-1], 2, ceil_mode=True))
     return out
+
+
+def valid_size(valid: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of the unpadded image inside a bottom/right-padded canvas (FTDDM.pad pads only there)."""
+    return int(valid[0, 0, :, 0].sum()), int(valid[0, 0, 0, :].sum())

@@ -24,6 +24,7 @@ import torch
 
 from .config import COND_CHANNELS
 from .kspace import data_consistency as _kspace_data_consistency
+from .padding import valid_size
 from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipped_start, respace, space_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -298,8 +299,6 @@ def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSche
                  generator: Generators = None, callback=None, spacing: str = "uniform") -> torch.Tensor:
     """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps and spacing ignored), "ddpm"
     (respaced), "dpmpp" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or "logsnr" in λ."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if sampler == "ancestral":
         return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
                                 generator=generator, callback=callback)
@@ -510,8 +509,8 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
     valid = None if valid is None else valid.to(device=device, dtype=cond.dtype)
     moments = RunningMoments((B, 1, H, W), device=device)
     samples = torch.zeros((B, n_samples, 1, H, W), dtype=cond.dtype, device=device) if keep_samples else None
-    x0_enc, features = _encode_all(model, cond, scale, valid, chunk_size)  # once per image, reused by its chains
-    total_calls = -(-B // chunk_size)
+    # once per image, for all its chains
+    x0_enc, features, total_calls = _encode_all(model, cond, scale, valid, chunk_size, opts)
     for c, chunk in enumerate(chunks):
         ks = torch.tensor([k for k, _ in chunk])
         rows = torch.tensor([b for _, b in chunk])
@@ -549,20 +548,22 @@ class _Context:
     @property
     def image_size(self) -> tuple[int, int] | None:
         """The unpadded (H, W) read off the bottom/right zero padding of the valid mask (None: not padded)."""
-        if self.valid is None:
-            return None
-        return int(self.valid[0, 0, :, 0].sum()), int(self.valid[0, 0, 0, :].sum())
+        return None if self.valid is None else valid_size(self.valid)
 
 
-def _encode_all(model, cond, scale, valid, chunk_size: int):
-    """The SR encoder's x̂0 and features for every image, in chunks of at most chunk_size (memory bound)."""
+def _encode_all(model, cond, scale, valid, chunk_size: int, opts: _Options):
+    """The SR encoder's x̂0 and features for every image, in chunks of at most chunk_size (memory bound);
+    skipped (zeros, no features) when neither the start nor the ε-UNet uses them (a plain DDPM from noise).
+    Returns (x̂0_enc, features, network calls)."""
+    if opts.start == "noise" and not model.unet_sees_estimate:
+        return torch.zeros_like(cond[:, :1]), [], 0
     outs, feats = [], []
     for i in range(0, len(cond), chunk_size):
         part = slice(i, i + chunk_size)
         x0, f = model.encode(cond[part], scale[part], None if valid is None else valid[part])
         outs.append(x0.to(cond.dtype))
         feats.append(f)
-    return torch.cat(outs), [torch.cat(level) for level in zip(*feats)]
+    return torch.cat(outs), [torch.cat(level) for level in zip(*feats)], len(outs)
 
 
 def _run_chunk(model, opts: _Options, ctx: _Context, measured, weight, tau_d, tau_f, generators, callback):

@@ -168,7 +168,7 @@ def oracle_bundle(target, t_trunc=100):
         return eps
 
     return SimpleNamespace(encode=encode, flow_sample=flow_sample, denoiser=denoiser, flow_shift_factor=shift,
-                           schedule=schedule, config=config)
+                           schedule=schedule, config=config, unet_sees_estimate=True)
 
 
 def oracle_inputs(batch=2, size=16, seed=0):

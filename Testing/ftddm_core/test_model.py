@@ -252,3 +252,17 @@ def test_a_safetensors_header_length_that_starts_like_a_pickle_is_not_refused(tm
         pytest.fail("no metadata length gave a 640-byte header")
     tensors, meta = read_safetensors(path)
     assert torch.equal(tensors["w"], torch.zeros(2)) and len(meta["pad"]) == pad
+
+
+def test_a_plain_ddpm_from_noise_never_runs_the_encoder():
+    """The ddpm comparison preset's ε-UNet sees y alone: a noise chain needs no encoder pass (work not done twice)."""
+    model = FTDDM(preset("ddpm")).eval()
+    calls, encode = [], model.encode
+    model.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    cond = torch.rand(2, 4, 16, 16)
+    cond[:, 1] = 1.0
+    res = model.sample(cond, torch.full((2,), 4.0), sampler="dpmpp", start="noise", steps=2,
+                       generator=torch.Generator().manual_seed(0))
+    assert calls == [] and res.nfe == 3 and res.total_calls == 3
+    model.sample(cond, torch.full((2,), 4.0), sampler="dpmpp", steps=2)  # a flow start does use the encoder
+    assert calls == [1]

@@ -367,6 +367,7 @@ class FakeFTDDM:
         self.config = preset("tiny")
         self.config.diffusion.t_trunc = t_trunc
         self.schedule, self.unet, self.flow, self.encoded = SCHEDULE, RecordingUNet(unet), FakeFlow(t_trunc), 0
+        self.unet_sees_estimate = True  # the ε-UNet is conditioned on x̂0_enc, so even noise chains encode
 
     def encode(self, cond, scale, valid=None):
         self.encoded += len(cond)
