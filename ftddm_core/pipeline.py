@@ -145,9 +145,9 @@ def check_not_signed(lr_vol: vol.Volume, names: Sequence[str]) -> None:
                              "the maps it is computed from, then subtract")
 
 
-def zero_filled_in_input_units(lr_slices: np.ndarray, size: int) -> np.ndarray:
-    """The zero-filled LR maps (…, size, size) with the input's sign and units: the real part of the centred
-    k-space zero-fill (the band-limited interpolant of a real map is real), not its magnitude."""
+def zero_filled_in_input_units(lr_slices: np.ndarray, size) -> np.ndarray:
+    """The zero-filled LR maps (…, n1, n2) on the target grid `size` (int or (n1, n2)) in the input's sign and
+    units: the real part of the centred k-space zero-fill (a real map's band-limited interpolant is real)."""
     return np.real(kspace.zero_fill(lr_slices, size)).astype(np.float32)
 
 

@@ -423,21 +423,16 @@ def check_lr_matrix(m: int, model_size: int = 64, scale_range=(2.0, 8.0), *, for
                     name: str | None = None) -> float:
     """Default factor (no --factor) of a square m×m matrix: s = model_size/m; ValueError naming the file and
     --factor when outside the trained range (unless force) or when m > model_size."""
-    try:
-        return _default_factor(m, model_size, scale_range, force)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}" if name else str(err)) from None
-
-
-def _default_factor(m: int, model_size: int, scale_range, force: bool) -> float:
+    who = f"{name}: " if name else ""
     lo_s, hi_s = scale_range
     example = f"--factor {lo_s:g} gives {refined_size(m, lo_s)}×{refined_size(m, lo_s)}"
     if m > model_size or m < 1:
-        raise ValueError(f"in-plane LR matrix {m}×{m} cannot be zero-filled onto the default {model_size}×{model_size} "
-                         f"grid; pass --factor F (F = {lo_s:g} … {hi_s:g}, each axis m → round(F·m); {example})")
+        raise ValueError(f"{who}in-plane LR matrix {m}×{m} cannot be zero-filled onto the default "
+                         f"{model_size}×{model_size} grid; pass --factor F (F = {lo_s:g} … {hi_s:g}, each axis "
+                         f"m → round(F·m); {example})")
     lo, hi = lr_matrix_range(model_size, scale_range)
     if not lo <= m <= hi and not force:
-        raise ValueError(f"in-plane LR matrix {m}×{m} (s = {model_size / m:.2f} onto the default {model_size}×"
+        raise ValueError(f"{who}in-plane LR matrix {m}×{m} (s = {model_size / m:.2f} onto the default {model_size}×"
                          f"{model_size}) is outside the trained range {lo} … {hi} (s = {lo_s:g} … {hi_s:g}); "
                          f"pass --factor F with F in {lo_s:g} … {hi_s:g} ({example}), or --force to run anyway")
     return model_size / m

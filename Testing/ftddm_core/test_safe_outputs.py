@@ -23,6 +23,9 @@ from ftddm_core.model import FTDDM
 from ftddm_core.pipeline import check_mask_coverage, negative_share, super_resolve, zero_filled_in_input_units
 
 REPO = Path(__file__).resolve().parents[2]
+# Child processes print "…" and "×": decode as UTF-8 whatever the locale of the test run (an ASCII locale
+# made these tests fail with UnicodeDecodeError, not on the behaviour they check).
+UTF8 = {"text": True, "encoding": "utf-8", "env": {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUTF8": "1"}}
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +264,7 @@ def test_folder_input_prints_no_itk_warning(tmp_path):
     (tmp_path / "notes.txt").write_text("not DICOM")
     code = (f"from ftddm_core import volume as V\ntry:\n    V.load_volume({str(tmp_path)!r})\n"
             "except ValueError as e:\n    print('ERROR', e)\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60, **UTF8)
     assert "no DICOM series in the folder" in run.stdout
     assert "WARNING" not in run.stderr and "WARNING" not in run.stdout
 
@@ -304,9 +307,10 @@ DRIVER = textwrap.dedent("""
 @pytest.mark.parametrize("phase, complete", [("sampling", False), ("staging", False), ("move", True)])
 def test_sigterm_leaves_complete_outputs_or_none(phase, complete, exam, tmp_path, tiny_model_file):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **UTF8["env"]}
     run = subprocess.run([sys.executable, "-c", DRIVER, phase, *cli_args(exam, out, tiny_model_file),
-                          "--progress-lines"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          "--progress-lines"], cwd=REPO, capture_output=True, timeout=120,
+                         **{**UTF8, "env": env})
     assert run.returncode == 128 + signal.SIGTERM, run.stderr
     lines = [ln for ln in run.stderr.splitlines() if not ln.startswith("PROGRESS")]
     assert lines == ["ftddm super-resolve: interrupted (SIGTERM); no partial outputs were left"]
