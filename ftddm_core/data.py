@@ -16,8 +16,6 @@ the LR input only (prep.model_inputs), as it must at inference.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch.utils.data import Dataset, Sampler
 
 from . import kspace, prep
 from . import volume as vol
+from .atomic import atomic_write
 from .config import METABOLITES
 from .phantom import Patient, make_patient, patient_seed
 
@@ -63,14 +62,6 @@ def to_map_grid(patient: Patient) -> Patient:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then os.replace: readers never see half a file; the file
-    gets the mode the umask gives a new one (atomic.atomic_write)."""
-    from .atomic import atomic_write  # local: keeps this module's import block untouched
-
-    atomic_write(path, write)
-
-
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, description: str = "") -> None:
     """Atomically save a volume with its voxel→RAS affine as qform and sform (scanner space, mm)."""
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
@@ -78,14 +69,14 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, descript
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = description[:79].encode()
-    _atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
+    atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _prepare_folder(folder: Path, overwrite: bool) -> None:

@@ -6,7 +6,6 @@ The stable Python API used by the CLI, the Slicer module and console scripts is 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile

@@ -5,7 +5,7 @@ and of the default sampler at τ_f = 1, 0.7, 0.5, 0.3 (4 samples, 12 maps of 4 v
 Run: PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/choose_tau_f.py   (about 3 minutes on one core)
 Output of 2026-12-01 (AMD EPYC, one core), bench/choose_tau_f.txt.
 """
-import json, time, torch, numpy as np
+import json, torch, numpy as np
 from ftddm_core.data import load_dataset, SliceDataset
 from ftddm_core.model import load_model
 from ftddm_core import metrics
