@@ -20,6 +20,7 @@ from .checkpoint import json_metadata, read_safetensors, write_safetensors
 from .config import COND_CHANNELS, KINDS, FTDDMConfig, preset
 from .flow import ConditionalFlow
 from .schedule import DiffusionSchedule
+from .uncertainty import METADATA_KEY as CALIBRATION_KEY, UncertaintyCalibration
 from .unet import UNet
 
 FORMAT = "ftddm-model/2"
@@ -45,6 +46,8 @@ class FTDDM(nn.Module):
         # a regression model is the encoder alone (the one-pass baseline); FTDDM adds the flow and the ε-UNet
         self.unet = UNet(self.config.unet) if self.config.kind == "ftddm" else None
         self.flow = ConditionalFlow(self.config.flow) if self.config.kind == "ftddm" else None
+        #: σ-scaling of the uncertainty map fitted on validation maps (scripts/calibrate_uncertainty.py), or None
+        self.uncertainty_calibration: UncertaintyCalibration | None = None
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +140,8 @@ class FTDDM(nn.Module):
         """Write weights + config JSON (+ extra JSON, e.g. a model card) as one safetensors file."""
         meta = json_metadata(config=self.config.to_dict(), **(extra or {}))
         meta["format"] = FORMAT
+        if self.uncertainty_calibration is not None:
+            meta[CALIBRATION_KEY] = self.uncertainty_calibration.to_json()
         return write_safetensors(path, self.state_dict(), meta, overwrite=overwrite)
 
     @classmethod
@@ -156,6 +161,7 @@ class FTDDM(nn.Module):
             raise ValueError(f"{path}: the stored FTDDM config is invalid: {exc}") from exc
         model = cls(config)
         load_state(model, tensors, source=str(path))
+        model.uncertainty_calibration = UncertaintyCalibration.from_metadata(meta, str(path))
         return model.to(device).eval()
 
 

@@ -23,6 +23,7 @@ from .atomic import atomic_write_text, deferred_interrupts
 from .device import autocast, generator as make_generator, resolve_device
 from .sampling import SAMPLERS
 from .schedule import SPACINGS
+from .uncertainty import describe as describe_calibration
 
 Progress = Callable[[int, int, str], None]
 
@@ -79,6 +80,7 @@ class SuperResolution:
     network_calls: int  # all batched network calls of the run
     timings: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    uncertainty_scale: dict = field(default_factory=dict)  # uncertainty.describe: c and what it was fitted on
 
 
 def as_volume(image, name: str) -> vol.Volume:
@@ -255,7 +257,9 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
 
     scale_b = norm[:, None, None]
     sr = to_volume(mean[:, 0].numpy() * scale_b)
-    unc = to_volume(std[:, 0].numpy() * scale_b)
+    calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), sampler=opts.sampler,
+                                       steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d)
+    unc = to_volume(std[:, 0].numpy() * scale_b * calibration["scale"])
     zf = to_volume(lr_zf_all.reshape(-1, n1, n2))
     mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())
     timings = {"prepare_s": t_prep - t_start, "sample_s": t_sample - t_prep,
@@ -264,7 +268,8 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                            {**asdict(opts), "scale": float(s_cond), "factor": float(grid.requested_factor),
                             "output_inplane": list(grid.inplane), "lr_inplane": list(grid.lr_inplane),
                             "slice_axis": int(axis), "inputs": names,
-                            "device": str(device), "mask": "user" if user_mask is not None else "automatic"})
+                            "device": str(device), "mask": "user" if user_mask is not None else "automatic"},
+                           calibration)
 
 
 # ------------------------------------------------------------------------------------------ CLI layer
@@ -338,7 +343,7 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
                                             "factor": result.grid.factor, "requested_factor":
                                                 result.grid.requested_factor, "inplane": list(result.grid.inplane),
                                             "lr_inplane": list(result.grid.lr_inplane)},
-        "uncertainty": uncertainty_note(opts.samples),
+        "uncertainty": uncertainty_note(opts.samples, result.uncertainty_scale),
         "outputs": [str(out_dir / name) for name in files] + [str(out_dir / f"{s}_run.json") for s in stems],
     }
     if opts.samples < 2:
@@ -347,12 +352,13 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
     return report
 
 
-def uncertainty_note(samples: int) -> str:
+def uncertainty_note(samples: int, calibration: dict | None = None) -> str:
     """What <stem>_uncertainty.nii.gz holds (recorded in run.json; a warning when it is undefined)."""
     if samples < 2:
         return ("undefined with --samples 1: <stem>_uncertainty.nii.gz holds zeros (the standard deviation of one "
                 "sample); use --samples 2 or more for an uncertainty map")
-    return f"per-voxel standard deviation of {samples} samples, in the input's units"
+    scaled = calibration.get("note") if calibration else None
+    return f"per-voxel {scaled or 'standard deviation of the samples'} ({samples} samples), in the input's units"
 
 
 #: Below this share of the MRSI grid's voxels kept by the user's mask a warning is printed.
