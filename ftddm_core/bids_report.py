@@ -56,7 +56,8 @@ def session_row(found: bids.Session, output_dir: Path) -> tuple[dict, dict | Non
                warnings="; ".join(sidecar["Warnings"]) or "n/a",
                **{k: f"{timings[k]:.3f}" for k in ("prepare_s", "sample_s", "total_s")})
     files = {kind: folder / bids.output_name(first, desc) for kind, desc in bids.OUTPUT_DESC.items()}
-    return row, {"files": files, "axis": int(sidecar["Options"]["slice_axis"]), "met": sidecar["Metabolite"]}
+    return row, {"files": files, "axis": int(sidecar["Options"]["slice_axis"]), "met": sidecar["Metabolite"],
+                 "units": sidecar.get("Units")}
 
 
 def write_table(rows: Sequence[dict], path: Path) -> Path:
@@ -75,27 +76,33 @@ def middle_slice(data: np.ndarray, axis: int) -> np.ndarray:
 
 def overview_figure(panels: Sequence[tuple[str, dict]], path: Path) -> Path | None:
     """One row per session: zero-filled | FTDDM | uncertainty of its first map, middle slice; zero-filled and
-    FTDDM share one window (readers compare methods, not display settings)."""
+    FTDDM share one window (readers compare methods, not display settings), the std has its own from 0; every
+    panel has a colour bar in the map's units (the input sidecar's "Units", else "input units")."""
     if not panels:
         return None
-    from .figures import _pyplot, _save
+    from . import figures as F
     from .volume import load_volume
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels)), squeeze=False)
+    plt = F._pyplot()
+    fig, axes = plt.subplots(len(panels), 3, figsize=(8.4, 2.7 * len(panels)), squeeze=False, layout="constrained")
     for ax_row, (label, info) in zip(axes, panels):
-        images = {k: middle_slice(load_volume(p, allow_all_zero=True).data, info["axis"])
-                  for k, p in info["files"].items()}
+        data = {k: load_volume(p, allow_all_zero=True).data for k, p in info["files"].items()}
+        images = {k: middle_slice(d, info["axis"]) for k, d in data.items()}
+        units, met = info.get("units") or F.DEFAULT_UNITS, info["met"]
+        where = f"slice {data['sr'].shape[info['axis']] // 2} (middle) across voxel axis {info['axis']}"
         pooled = np.concatenate([images["sr"].ravel(), images["zerofilled"].ravel()])
         high = float(np.percentile(pooled[pooled > 0], 99.5)) if (pooled > 0).any() else 1.0
-        unc_pos = images["uncertainty"][images["uncertainty"] > 0]
-        for ax, kind, vmax, cmap in zip(ax_row, ("zerofilled", "sr", "uncertainty"),
-                                        (high, high, float(unc_pos.max()) if unc_pos.size else 1.0),
-                                        ("viridis", "viridis", "inferno")):
-            ax.imshow(images[kind], cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"{label} {info['met']}: {kind}", fontsize=7)
+        spread = F.error_limit([images["uncertainty"]])
+        windows = {"zerofilled": ((0.0, high), F.MAP_CMAP, F.map_label(met, units, (0.0, high))),
+                   "sr": ((0.0, high), F.MAP_CMAP, F.map_label(met, units, (0.0, high))),
+                   "uncertainty": ((0.0, spread), F.UNCERTAINTY_CMAP, F.uncertainty_label(units, spread))}
+        for ax, kind in zip(ax_row, ("zerofilled", "sr", "uncertainty")):
+            (lo, hi), cmap, bar = windows[kind]
+            im = ax.imshow(images[kind], cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{label} {met}: {kind}\n{where}", fontsize=7)
             ax.axis("off")
-    return _save(fig, path)
+            F.colour_bar(fig, im, ax, bar)
+    return F._save(fig, path)
 
 
 def write_page(rows: Sequence[dict], figure: Path | None, path: Path) -> Path:

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines, kspace, metrics, volume as vol
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text
 from .phantom import make_patient
 
 FIGURE_METABOLITES = ("NAA", "tCho")
+#: Units of the legacy phantom's maps (concentrations), which the demo runs on.
+UNITS = "mM"
 
 
 def simulate_lr(hr: vol.Volume, lr_size: int, axis: int = 2) -> vol.Volume:
@@ -136,20 +138,23 @@ def format_table(table: dict) -> str:
 
 
 def plot_demo(patient, out: Path, path: Path, lr_size: int, samples: int = 2) -> Path:
-    """Paper Fig. 3-style panel for the lesion slice: FLAIR, zero-filled, FTDDM, ground truth, |error|, uncertainty.
+    """Paper Fig. 3-style panel for the lesion slice: FLAIR, zero-filled, FTDDM, ground truth, error, uncertainty.
 
-    Radiological convention (patient-left on the viewer's right) with L/R markers, the slice position in mm,
-    voxels outside the quality mask in grey, one stated window per metabolite for the maps (0 … 99.5th
-    percentile of the ground truth in the mask) and half of it for error and uncertainty, colour bars in mM.
+    Radiological convention (patient-left on the viewer's right) with L/R markers, the metabolite and slice
+    position in mm named, voxels outside the quality mask in grey. Per metabolite: one stated map window
+    (0 … 99.5th percentile of the ground truth in the mask) for the three maps, the signed error FTDDM − truth
+    on a symmetric window ±x (diverging) and the std on 0 … x (sequential), x = figures.error_limit of both;
+    every colour bar names its quantity, its units (UNITS) and its window.
     """
-    from .figures import _pyplot, map_panel, slice_position_mm
+    from . import figures as F
 
-    plt = _pyplot()
+    plt = F._pyplot()
     z = int(np.argmax((patient.lesion > 0).sum(axis=(0, 1)))) if patient.lesion is not None else patient.shape[2] // 2
+    position = F.slice_position_mm(patient.affine, patient.shape, 2, z)
     flair = vol.resample_to_grid(vol.Volume(patient.flair, patient.mri_affine), patient.affine, patient.shape)
     m = patient.quality_mask[:, :, z] > 0
-    cols = ("FLAIR", f"zero-filled {lr_size}²", "FTDDM", "ground truth", "|FTDDM − GT|", "uncertainty (std)")
-    fig, axes = plt.subplots(len(FIGURE_METABOLITES), len(cols), figsize=(2.3 * len(cols), 2.6 * len(FIGURE_METABOLITES)),
+    cols = ("FLAIR", f"zero-filled {lr_size}²", "FTDDM", "ground truth", "FTDDM − truth", "uncertainty (std)")
+    fig, axes = plt.subplots(len(FIGURE_METABOLITES), len(cols), figsize=(2.4 * len(cols), 2.7 * len(FIGURE_METABOLITES)),
                              squeeze=False, constrained_layout=True)
     for r, name in enumerate(FIGURE_METABOLITES):
         gt = patient.maps[name][:, :, z]
@@ -157,29 +162,28 @@ def plot_demo(patient, out: Path, path: Path, lr_size: int, samples: int = 2) ->
         zf = vol.load_volume(out / f"{name}_zerofilled.nii.gz").data[:, :, z]
         unc = vol.load_volume(out / f"{name}_uncertainty.nii.gz", allow_all_zero=True).data[:, :, z]
         vmax = float(np.percentile(gt[m], 99.5)) if m.any() else float(gt.max()) or 1.0
-        panels = (("map", flair[:, :, z], None), ("map", zf, m), ("map", sr, m), ("map", gt, m),
-                  ("error", np.abs(sr - gt), m), ("error", unc, m))
+        x = F.error_limit([sr - gt, unc], m, fallback=0.5 * vmax)
+        mri = flair[:, :, z]
+        mri_window = (float(np.percentile(mri, 0.5)), float(np.percentile(mri, 99.5)))
+        roles = {"mri": (mri_window, F.ANATOMY_CMAP, "FLAIR (a.u.), 0.5–99.5th percentile"),
+                 "map": ((0.0, vmax), F.MAP_CMAP, F.map_label(name, UNITS, (0.0, vmax))),
+                 "error": ((-x, x), F.ERROR_CMAP, F.error_label(UNITS, x, "FTDDM − truth")),
+                 "uncertainty": ((0.0, x), F.UNCERTAINTY_CMAP, F.uncertainty_label(UNITS, x))}
+        panels = (("mri", mri, None), ("map", zf, m), ("map", sr, m), ("map", gt, m), ("error", sr - gt, m),
+                  ("uncertainty", unc, m))
         images = {}
         for c, (role, img, mask) in enumerate(panels):
-            ax = axes[r, c]
-            if c == 0:
-                window, cmap = (float(np.percentile(img, 0.5)), float(np.percentile(img, 99.5))), "gray"
-            else:
-                window, cmap = ((0.0, vmax), "jet") if role == "map" else ((0.0, 0.5 * vmax), "magma")
-            images[role if c else "mri"] = map_panel(ax, img, patient.affine, 2, window=window, cmap=cmap,
-                                                     title=cols[c] if r == 0 else "", mask=mask)
-            if c == 5 and samples < 2:
-                ax.text(0.5, 0.5, "undefined\n(1 sample)", transform=ax.transAxes, ha="center", va="center",
-                        color="w", fontsize=8)
-        fig.colorbar(images["map"], ax=list(axes[r, 1:4]), fraction=0.025, pad=0.01).set_label(
-            f"{name} (mM), window 0 – {vmax:.2f}", fontsize=7)
-        fig.colorbar(images["error"], ax=list(axes[r, 4:6]), fraction=0.05, pad=0.01).set_label(
-            f"mM, window 0 – {0.5 * vmax:.2f}", fontsize=7)
-        axes[r, 0].set_ylabel(f"{name}\n{slice_position_mm(patient.affine, patient.shape, 2, z)}", fontsize=8)
-    fig.suptitle(f"radiological view (patient-left on the right), slice {z} at "
-                 f"{slice_position_mm(patient.affine, patient.shape, 2, z)}; grey: "
-                 "outside the quality mask", fontsize=8)
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+            window, cmap, _ = roles[role]
+            images[role] = F.map_panel(axes[r, c], img, patient.affine, 2, window=window, cmap=cmap,
+                                       title=cols[c] if c == 0 else f"{name}: {cols[c]}", mask=mask)
+        if samples < 2:
+            axes[r, 5].text(0.5, 0.5, "undefined\n(1 sample)", transform=axes[r, 5].transAxes, ha="center",
+                            va="center", color="w", fontsize=8)
+        for role, where, fraction, shrink in (("mri", axes[r, 0], 0.05, 1.0), ("map", list(axes[r, 1:4]), 0.025, 0.8),
+                                              ("error", axes[r, 4], 0.05, 1.0),
+                                              ("uncertainty", axes[r, 5], 0.05, 1.0)):
+            F.colour_bar(fig, images[role], where, roles[role][2], fraction=fraction, shrink=shrink, pad=0.01)
+        axes[r, 0].set_ylabel(f"{name}\n{position}", fontsize=8)
+    fig.suptitle(f"{', '.join(FIGURE_METABOLITES)}: radiological view (patient-left on the right), slice {z} at "
+                 f"{position}; grey: outside the quality mask", fontsize=8)
+    return F._save(fig, path, dpi=110)

@@ -1,6 +1,10 @@
 """Figures of `ftddm evaluate` (matplotlib, Agg backend): quality vs NFE, studies (paper Figs. 5–7), panels.
 
-Each function takes plain rows (dicts) as built by ftddm_core.evaluate and writes one PNG atomically.
+Each function takes plain rows (dicts) as built by ftddm_core.evaluate and writes one PNG atomically. Image
+panels follow one convention (also used by the demo, the phantom and the BIDS report figures): metabolite maps
+in a perceptually uniform colormap, anatomy in grey, signed errors in a diverging colormap on a symmetric window
+±x centred on 0, uncertainty (std) in a sequential colormap from 0, every image read through a colour bar
+whose label states the quantity, its units and the window.
 """
 from __future__ import annotations
 
@@ -10,6 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
+
+#: Metabolite maps: perceptually uniform (van der Walt & Smith, matplotlib 1.5 colormaps), never jet.
+MAP_CMAP = "viridis"
+#: MRI contrasts (T1, FLAIR) in grey.
+ANATOMY_CMAP = "gray"
+#: Signed error (method − truth): diverging, white at 0; used only on a symmetric window ±x.
+ERROR_CMAP = "RdBu_r"
+#: Uncertainty (per-voxel std ≥ 0): sequential, black at 0.
+UNCERTAINTY_CMAP = "magma"
+#: The unit label when the caller does not know the maps' units.
+DEFAULT_UNITS = "input units"
 
 
 def _pyplot():
@@ -22,12 +37,57 @@ def _pyplot():
 
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
+    """Write `fig` as PNG through atomic_write and close it; tight layout unless it has a layout engine."""
     plt = _pyplot()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- colour scales and bars
+def nice_ceiling(x: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 × 10^k that is ≥ x > 0: a window limit a reader can state and compare."""
+    if not (np.isfinite(x) and x > 0):
+        raise ValueError(f"nice_ceiling needs a finite positive number, got {x}")
+    power = 10.0 ** np.floor(np.log10(x))
+    return float(next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= x * (1 - 1e-12)))
+
+
+def error_limit(images: Sequence[np.ndarray], mask: np.ndarray | None = None, fallback: float = 1.0) -> float:
+    """x of the symmetric error window ±x (and of the std window 0 … x): the rounded-up 99.5th percentile of
+    |value| over `images` inside `mask`, so that a few outlier voxels saturate instead of flattening the rest."""
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
+    magnitudes = [np.abs(np.asarray(img, dtype=np.float64)) for img in images]
+    values = np.concatenate([np.zeros(0)] + [(m[keep] if keep is not None else m).ravel() for m in magnitudes])
+    values = values[np.isfinite(values)]
+    high = float(np.percentile(values, 99.5)) if values.size else 0.0
+    return nice_ceiling(high) if high > 0 else float(fallback)
+
+
+def map_label(metabolite: str, units: str, window: tuple[float, float]) -> str:
+    """Colour-bar label of a metabolite map, e.g. "NAA (mM), 0 – 10.6"."""
+    return f"{metabolite or 'map'} ({units}), {window[0]:.3g} – {window[1]:.3g}"
+
+
+def error_label(units: str, limit: float, difference: str = "SR − truth") -> str:
+    """Colour-bar label of a signed error map on ±limit, e.g. "error (SR − truth), ±0.5 mM"."""
+    return f"error ({difference}), ±{limit:.3g} {units}"
+
+
+def uncertainty_label(units: str, limit: float) -> str:
+    """Colour-bar label of a std map on 0 … limit, e.g. "std (mM), 0 – 0.5"."""
+    return f"uncertainty: std ({units}), 0 – {limit:.3g}"
+
+
+def colour_bar(fig, image, ax, label: str, **kwargs):
+    """A colour bar for `image` beside `ax` (an axis or a list sharing the window), labelled with `label`."""
+    bar = fig.colorbar(image, ax=ax, **{"fraction": 0.046, "pad": 0.02, **kwargs})
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return bar
 
 
 def _by_scale(rows: Sequence[dict], key: str = "scale") -> dict[float, list[dict]]:
@@ -96,7 +156,7 @@ def scale_mismatch_plot(rows: Sequence[dict], path: Path) -> Path:
         ax.set_xlabel("conditioned s'")
         ax.set_ylabel("actual s")
         ax.set_title(name.upper())
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        colour_bar(fig, im, ax, "SSIM" if name == "ssim" else "PSNR (dB)")
     return _save(fig, path)
 
 
@@ -118,8 +178,9 @@ def t_trunc_plot(rows: Sequence[dict], ddpm_ssim: dict[float, float], path: Path
     return _save(fig, path)
 
 
-def calibration_plot(rows: Sequence[dict], path: Path) -> Path:
-    """Reliability plot: RMSE of the voxels in each std bin against the bin's mean std (identity = calibrated)."""
+def calibration_plot(rows: Sequence[dict], path: Path, units: str = DEFAULT_UNITS) -> Path:
+    """Reliability plot: RMSE of the voxels in each std bin against the bin's mean std (identity = calibrated);
+    both axes in the maps' `units`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.4, 4.0))
     top = 0.0
@@ -130,32 +191,53 @@ def calibration_plot(rows: Sequence[dict], path: Path) -> Path:
         top = max([top, *x, *y])
     top = top or 1.0
     ax.plot([0, top], [0, top], "k:", lw=1, label="calibrated")
-    ax.set_xlabel("predicted std (bin mean)")
-    ax.set_ylabel("RMSE of the bin's voxels")
+    ax.set_xlabel(f"predicted std, bin mean ({units})")
+    ax.set_ylabel(f"RMSE of the bin's voxels ({units})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def panels(columns: Sequence[tuple[str, np.ndarray, str]], path: Path, title: str = "",
-           affine: np.ndarray | None = None, units: str = "input units") -> Path:
-    """One row of images: (title, image, role) with role 'map' (0 … GT max, jet) or 'error' (magma, half range).
+           affine: np.ndarray | None = None, units: str = DEFAULT_UNITS, *, metabolite: str = "",
+           slice_label: str = "", mask: np.ndarray | None = None) -> Path:
+    """One row of images (title, image, role) of one metabolite map, each role read through its colour bar.
 
-    Images are (i, j) slices of a grid with voxel → RAS `affine` (default: i → patient-right, j → anterior, as
-    the phantom's map grid), shown in radiological convention with L/R markers and one colour bar per window.
+    Roles: 'map' (MAP_CMAP, 0 … max of the first column, the ground truth; one bar for all maps), 'error'
+    (a signed difference, ERROR_CMAP on ±x centred on 0) and 'uncertainty' (a std, UNCERTAINTY_CMAP on 0 … x),
+    x = error_limit of the error and uncertainty columns (one x, so that std and error compare directly).
+    `metabolite` and `slice_label` (e.g. "sub-003 z 5") name the map in the figure title; `units` label the
+    bars. Images are (i, j) slices of a grid with voxel → RAS `affine` (default: i → patient-right,
+    j → anterior, as the phantom's map grid), shown in radiological convention with L/R markers; voxels
+    outside `mask` (if given) are grey.
     """
     plt = _pyplot()
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    unknown = sorted({role for _, _, role in columns} - set(PANEL_ROLES))
+    if unknown:
+        raise ValueError(f"panels: unknown column role(s) {unknown}; expected one of {PANEL_ROLES}")
     vmax = float(np.max(columns[0][1])) or 1.0  # the first column is the ground truth
-    windows = {"map": (0.0, vmax, "jet"), "error": (0.0, 0.5 * vmax, "magma")}
-    fig, axes = plt.subplots(1, len(columns), figsize=(1.9 * len(columns), 2.6), squeeze=False)
+    x = error_limit([img for _, img, role in columns if role != "map"], mask, fallback=0.5 * vmax)
+    windows = {"map": ((0.0, vmax), MAP_CMAP, map_label(metabolite, units, (0.0, vmax))),
+               "error": ((-x, x), ERROR_CMAP, error_label(units, x)),
+               "uncertainty": ((0.0, x), UNCERTAINTY_CMAP, uncertainty_label(units, x))}
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.0 * len(columns) + 1.2, 2.9), squeeze=False,
+                             layout="constrained")
+    shown: dict[str, tuple] = {}
     for ax, (name, img, role) in zip(axes[0], columns):
-        lo, hi, cmap = windows["map" if role == "map" else "error"]
-        im = map_panel(ax, img, affine, 2, window=(lo, hi), cmap=cmap, title=name)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(units, fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
+        window, cmap, _ = windows[role]
+        im = map_panel(ax, img, affine, 2, window=window, cmap=cmap, title=name, mask=mask)
+        shown.setdefault(role, (im, []))[1].append(ax)
+    for role, (im, role_axes) in shown.items():  # a bar shared by n panels as wide as a single panel's
+        colour_bar(fig, im, role_axes, windows[role][2], fraction=0.046 / len(role_axes),
+                   shrink=1.0 if len(role_axes) == 1 else 0.8)
+    heading = ", ".join(t for t in (metabolite, slice_label) if t)
+    fig.suptitle(f"{heading}: {title}" if heading and title else heading or title, fontsize=9)
     return _save(fig, path)
+
+
+#: Column roles of `panels`: metabolite map, signed error, uncertainty (std).
+PANEL_ROLES = ("map", "error", "uncertainty")
 
 
 # ------------------------------------------------------------------------- radiological slice display
@@ -221,8 +303,11 @@ def map_panel(ax, image: np.ndarray, affine: np.ndarray, axis: int, *, window: t
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=8)
-    if markers:
-        style = dict(transform=ax.transAxes, color="w", fontsize=7, fontweight="bold", va="center")
+    if markers:  # white with a black outline: readable on white (error 0), grey (no data) and black alike
+        from matplotlib import patheffects
+
+        style = dict(transform=ax.transAxes, color="w", fontsize=7, fontweight="bold", va="center",
+                     path_effects=[patheffects.withStroke(linewidth=1.5, foreground="k")])
         ax.text(0.03, 0.5, letters["left"], ha="left", **style)
         ax.text(0.97, 0.5, letters["right"], ha="right", **style)
         ax.text(0.5, 0.96, letters["top"], ha="center", **{**style, "va": "top"})

@@ -519,25 +519,25 @@ def _ras_slice(volume: np.ndarray, affine: np.ndarray, z_mm: float) -> tuple[np.
 
 
 def plot_patients(patients: list[Patient], path: str | Path, max_patients: int = 4) -> Path:
-    """Save a PNG: one row per patient (FLAIR, T1, NAA, tCho, quality mask) at the slice with most tumour."""
-    import matplotlib
+    """Save a PNG: one row per patient (FLAIR, T1, NAA, tCho, quality mask) at the slice with most tumour, each
+    panel with a colour bar in its units (MRI a.u., maps in mM, the mask's classes named)."""
+    from . import figures as F
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = F._pyplot()
     rows = patients[:max_patients]
     if not rows:
         raise ValueError("plot_patients needs at least one patient")
-    fig, axes = plt.subplots(len(rows), 5, figsize=(13, 2.7 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 5, figsize=(14, 2.8 * len(rows)), squeeze=False)
     for r, p in enumerate(rows):
         tumour = np.isin(p.lesion, (1, 2)) if p.lesion is not None else p.brain_mask
         z = int(np.argmax(tumour.sum(axis=(0, 1))))
         z_mm = float((p.affine @ [0, 0, z, 1])[2])
-        panels = [("FLAIR", p.flair, p.mri_affine, "gray"), ("T1", p.t1, p.mri_affine, "gray"),
-                  ("NAA [mM]", p.maps.get("NAA"), p.affine, "magma"),
-                  ("tCho [mM]", p.maps.get("tCho"), p.affine, "magma"),
-                  ("quality mask", p.quality_mask.astype(np.float32) + 0.3 * p.brain_mask, p.affine, "viridis")]
-        for c, (title, vol, aff, cmap) in enumerate(panels):
+        panels = [("FLAIR", p.flair, p.mri_affine, F.ANATOMY_CMAP, "FLAIR (a.u.)"),
+                  ("T1", p.t1, p.mri_affine, F.ANATOMY_CMAP, "T1 (a.u.)"),
+                  ("NAA", p.maps.get("NAA"), p.affine, F.MAP_CMAP, "NAA (mM)"),
+                  ("tCho", p.maps.get("tCho"), p.affine, F.MAP_CMAP, "tCho (mM)"),
+                  ("quality mask", p.quality_mask.astype(np.float32) + 0.3 * p.brain_mask, p.affine, "cividis", "")]
+        for c, (title, vol, aff, cmap, label) in enumerate(panels):
             ax = axes[r, c]
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_facecolor("black")
@@ -545,14 +545,10 @@ def plot_patients(patients: list[Patient], path: str | Path, max_patients: int =
                 continue
             img, extent = _ras_slice(vol, aff, z_mm)
             im = ax.imshow(img, origin="lower", cmap=cmap, extent=extent, interpolation="nearest")
-            if c in (2, 3):
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-            ax.set_title(f"{p.patient_id} · {title}" if c == 0 else title, fontsize=9)
+            bar = F.colour_bar(fig, im, ax, label or "voxel class")
+            if not label:  # 0 outside the brain, 0.3 brain, 1.3 brain and quality mask
+                bar.set_ticks([0.0, 0.3, 1.3], labels=["outside", "brain", "quality"])
+            ax.set_title(f"{p.patient_id} · {title}, z {z_mm:+.1f} mm" if c == 0 else title, fontsize=9)
             ax.set_xlim(-90, 90), ax.set_ylim(-110, 90)
     fig.suptitle("Synthetic glioma patients (MNI152 anatomy; neurological view, R on the right)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return F._save(fig, Path(path), dpi=110)
