@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines, kspace, metrics, volume as vol
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_savefig, atomic_write_text
 from .phantom import make_patient
 
 FIGURE_METABOLITES = ("NAA", "tCho")
@@ -179,7 +179,4 @@ def plot_demo(patient, out: Path, path: Path, lr_size: int, samples: int = 2) ->
     fig.suptitle(f"radiological view (patient-left on the right), slice {z} at "
                  f"{slice_position_mm(patient.affine, patient.shape, 2, z)}; grey: "
                  "outside the quality mask", fontsize=8)
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=110)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_write
+from .atomic import atomic_savefig
 from .config import METABOLITES
 from .volume import apply_affine, grid_centres, largest_component
 
@@ -540,7 +540,4 @@ def plot_patients(patients: list[Patient], path: str | Path, max_patients: int =
             ax.set_xlim(-90, 90), ax.set_ylim(-110, 90)
     fig.suptitle("Synthetic glioma patients (MNI152 anatomy; neurological view, R on the right)", fontsize=10)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=110)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_savefig, atomic_write_text
 from .checkpoint import json_metadata, read_safetensors, write_safetensors
 from .config import FTDDMConfig
 from .device import autocast, resolve_device
@@ -416,7 +416,4 @@ def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
         twin.plot(*zip(*vals), "k--", label="validation total (EMA)")
         twin.legend(loc="center right")
     fig.tight_layout()
-    try:
-        atomic_write(run.curve, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, run.curve, dpi=100)
