@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ftddm_core import baselines, metrics, volume as V
+from ftddm_core.atomic import atomic_write_text
 from ftddm_core.data import list_patients, load_patient, patient_folds
 from ftddm_core.demo import simulate_lr
 from ftddm_core.model import load_model
@@ -80,8 +81,8 @@ def main() -> None:
               "samples": args.samples, "sampler": "dpmpp K=10 (default)", "bf16": True,
               "seconds": round(time.perf_counter() - started), "sampling_seconds": round(sampling_seconds),
               "metrics": table}
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
     print(markdown(result))
 
 

@@ -62,6 +62,16 @@ def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) ->
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
+def atomic_savefig(fig, path: str | Path, *, dpi: int) -> Path:
+    """:func:`atomic_write` of a matplotlib figure as PNG, then close it (pyplot keeps every open figure)."""
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        import matplotlib.pyplot as plt  # already imported by whoever made the figure
+
+        plt.close(fig)
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done, then deliver them to the handlers that were installed.

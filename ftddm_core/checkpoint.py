@@ -50,12 +50,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
                       *, overwrite: bool = False) -> Path:
     """Write atomically with the umask's file mode (atomic.atomic_write); refuse to replace unless overwrite."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite:  # before moving the tensors: refusing should cost nothing
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite/--force) to replace it")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text_meta = {k: str(v) for k, v in metadata.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=text_meta))
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=text_meta))
 
 
 def json_metadata(**items) -> dict[str, str]:

@@ -16,20 +16,20 @@ the LR input only (prep.model_inputs), as it must at inference.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from . import kspace, prep
 from . import volume as vol
-from .atomic import atomic_write
+from .atomic import atomic_write_text
 from .config import METABOLITES
+from .nifti import read_nifti, save_nifti
 from .phantom import Patient, make_patient, patient_seed
 
 DATASET_JSON = "dataset.json"
@@ -62,21 +62,8 @@ def to_map_grid(patient: Patient) -> Patient:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, description: str = "") -> None:
-    """Atomically save a volume with its voxel→RAS affine as qform and sform (scanner space, mm)."""
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = description[:79].encode()
-    atomic_write(Path(path), lambda tmp: nib.save(img, tmp))
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    atomic_write(path, write)
+def _write_json(obj: Any, path: Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _prepare_folder(folder: Path, overwrite: bool) -> None:
@@ -101,7 +88,7 @@ def write_patient(patient: Patient, folder: str | Path, overwrite: bool = False)
         save_nifti(patient.lesion.astype(np.uint8), patient.affine, folder / LESION_FILE,
                    "lesion 0 normal 1 core 2 rim 3 edema")
     if patient.info:
-        _atomic_json(patient.info, folder / PHANTOM_JSON)
+        _write_json(patient.info, folder / PHANTOM_JSON)
     return folder
 
 
@@ -113,7 +100,7 @@ def write_dataset_json(root: str | Path, metabolites: Sequence[str], patients: S
     root = Path(root)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metabolites": list(metabolites), "units": units,
             "description": description, "seed": seed, "patients": list(patients), **extra}
-    _atomic_json(meta, root / DATASET_JSON)
+    _write_json(meta, root / DATASET_JSON)
     return root / DATASET_JSON
 
 
@@ -200,11 +187,7 @@ def list_patients(root: str | Path) -> list[str]:
 def _read_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"{path}: missing; expected the {what}")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises many types for a corrupt file
-        raise ValueError(f"{path}: cannot be read as NIfTI ({err}); expected the {what}") from err
+    data, affine = read_nifti(path, expected=f"the {what}")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -212,7 +195,7 @@ def _read_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise ValueError(f"{path}: {bad} NaN/inf voxels; expected finite values ({what})")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, affine
 
 
 def _check_same_grid(path: Path, data: np.ndarray, affine: np.ndarray, ref_path: Path, ref_shape, ref_affine) -> None:
@@ -422,9 +405,9 @@ class SliceDataset(Dataset):
     then cut to an image_size×image_size tile (tile_example; image_size=None keeps the full slice). For 64×64
     maps and image_size 64 this is the paper's setting (§1–2) unchanged.
 
-    An index is an int, a pair (int, m) with an int LR size m (as LRSizeBatchSampler yields: factor F =
-    image_size / m, i.e. exactly m×m for 64×64 maps), or a pair (int, F) with a float factor. A plain int uses
-    the fixed lr_size, else draws per example: m from lr_sizes (factor_range None) or F ~ U(factor_range).
+    An index is an int, a pair (int, m) with an int LR size m (as BatchSource asks on the legacy grid: factor
+    F = image_size / m, i.e. exactly m×m for 64×64 maps), or a pair (int, F) with a float factor. A plain int
+    uses the fixed lr_size, else draws per example: m from lr_sizes (factor_range None) or F ~ U(factor_range).
     """
 
     def __init__(self, patients: Sequence[Patient], metabolites: Sequence[str] | None = None,
@@ -445,8 +428,8 @@ class SliceDataset(Dataset):
         self.rng = np.random.default_rng(seed)
         self._volumes = [self._prepare(p) for p in patients]
         self.index: list[tuple[int, int, str]] = []
-        for pi, vol in enumerate(self._volumes):
-            fraction = vol["mask"].mean(axis=(0, 1))
+        for pi, prepared in enumerate(self._volumes):
+            fraction = prepared["mask"].mean(axis=(0, 1))
             self.index += [(pi, z, name) for z in np.flatnonzero(fraction >= min_mask_fraction)
                            for name in self.metabolites]
         self.set_lr_size(lr_size)
@@ -491,8 +474,9 @@ class SliceDataset(Dataset):
         if spec is None:
             spec = self.draw_factor(self.rng)
         pi, z, name = self.index[int(i)]
-        vol = self._volumes[pi]
-        images = [vol["maps"][name][:, :, z], vol["mask"][:, :, z], vol["t1"][:, :, z], vol["flair"][:, :, z]]
+        prepared = self._volumes[pi]
+        images = [prepared["maps"][name][:, :, z], prepared["mask"][:, :, z], prepared["t1"][:, :, z],
+                  prepared["flair"][:, :, z]]
         if self.augment:  # on the full slice, before the degradation: a rotated/shifted acquisition
             images = augment(images, self.rng, self.max_shift)
         ex = make_example(*images, factor=self._factor_of(spec, images[0].shape))
@@ -501,45 +485,8 @@ class SliceDataset(Dataset):
         return {"x0": torch.from_numpy(ex["x0"]), "cond": torch.from_numpy(ex["cond"]),
                 "mask": torch.from_numpy(ex["mask"]), "scale": ex["scale"], "lr_size": ex["lr_size"],
                 "lr_shape": ex["lr_shape"], "tile_origin": ex.get("tile_origin", (0, 0)), "norm": ex["norm"],
-                "patient": vol["id"], "slice": int(z),
+                "patient": prepared["id"], "slice": int(z),
                 "metabolite": name}
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker's SliceDataset its own augmentation/LR-size generator."""
-    info = torch.utils.data.get_worker_info()
-    if info is not None and isinstance(info.dataset, SliceDataset):
-        info.dataset.rng = np.random.default_rng(info.seed % 2**63)
-
-
-class LRSizeBatchSampler(Sampler):
-    """Batches of (index, m) pairs sharing one LR size m drawn uniformly from lr_sizes (paper: per batch)."""
-
-    def __init__(self, dataset_size: int, batch_size: int, lr_sizes: Sequence[int] = LR_SIZES, shuffle: bool = True,
-                 drop_last: bool = False, seed: int = 0):
-        if dataset_size < 1 or batch_size < 1:
-            raise ValueError(f"expected dataset_size ≥ 1 and batch_size ≥ 1, got {dataset_size}, {batch_size}")
-        self.dataset_size, self.batch_size = int(dataset_size), int(batch_size)
-        self.lr_sizes, self.shuffle, self.drop_last, self.seed = tuple(lr_sizes), shuffle, drop_last, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically per epoch."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.dataset_size) if self.shuffle else np.arange(self.dataset_size)
-        for start in range(0, self.dataset_size, self.batch_size):
-            batch = order[start:start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            m = int(rng.choice(self.lr_sizes))
-            yield [(int(i), m) for i in batch]
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.dataset_size, self.batch_size)
-        return full if self.drop_last or not rest else full + 1
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_savefig
 
 #: Metabolite maps: perceptually uniform (van der Walt & Smith, matplotlib 1.5 colormaps), never jet.
 MAP_CMAP = "viridis"
@@ -37,14 +37,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
-    """Write `fig` as PNG through atomic_write and close it; tight layout unless it has a layout engine."""
-    plt = _pyplot()
+    """Write `fig` as PNG atomically and close it; tight layout unless it has a layout engine."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=dpi)
 
 
 # ------------------------------------------------------------------------------- colour scales and bars

@@ -26,11 +26,6 @@ from .config import FlowConfig
 INVCONV_SEED = 1234
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of scalars in all parameters of a module (trainable or not)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def bounded_log_scale(raw: torch.Tensor, clamp: float) -> torch.Tensor:
     """Bounded log-scale s = clamp·(2σ(ŝ) − 1) ∈ (−clamp, clamp) (reference §4), 0 at ŝ = 0."""
     return clamp * (2.0 * torch.sigmoid(raw) - 1.0)

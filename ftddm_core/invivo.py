@@ -19,6 +19,7 @@ from scipy import ndimage
 from . import kspace
 from . import phantom as ph
 from .config import METABOLITES
+from .volume import grid_centres
 
 KINDS = ("mixed", "rectangular", "noisy", "5mm", "factor2")
 UNITS = "a.u."
@@ -62,12 +63,6 @@ def brain_distance_template(resolution: int = 1) -> np.ndarray:
     """Distance (mm) outside the MNI brain mask on the template grid; the skull/scalp shell lies at 5–20 mm."""
     templ = ph.load_templates(resolution)
     return ndimage.distance_transform_edt(templ.brain < 0.5, sampling=float(resolution)).astype(np.float32)
-
-
-def _sample_distance(templ, dist: np.ndarray, mni: np.ndarray) -> np.ndarray:
-    ijk = ((mni.reshape(-1, 3) - templ.affine[:3, 3]) @ np.linalg.inv(templ.affine[:3, :3]).T).T.astype(np.float32)
-    out = ndimage.map_coordinates(dist, ijk, order=1, mode="constant", cval=99.0, prefilter=False)
-    return out.reshape(mni.shape[:-1])
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -246,11 +241,11 @@ def make_invivo_patient(seed: int | np.random.SeedSequence, *, kind: str = "mixe
     # truth grid: 2× in-plane, 2 sub-slices per slice
     f_affine = fine_affine(affine, shape)
     f_shape = (SUPERSAMPLE * shape[0], SUPERSAMPLE * shape[1], SUB_SLICES * shape[2])
-    f_points = ph.grid_points(f_shape, f_affine)
+    f_points = grid_centres(f_affine, f_shape)
     mni = pose.to_mni(f_points)
     f = ph._sample({k: getattr(templ, k) for k in ("gm", "wm", "brain")}, templ.affine, mni)
     labels = lesion.labels(mni, f["wm"], f["brain"])
-    dist = _sample_distance(templ, brain_distance_template(resolution), mni)
+    dist = ph._sample({"d": brain_distance_template(resolution)}, templ.affine, mni, outside=99.0)["d"]
     inner, thick = acq["lipid_shell_mm"]
     lipid_shell = np.clip(np.minimum(dist - inner, inner + thick - dist) / 1.5 + 0.5, 0.0, 1.0)
     lipid_shell *= 1 + 0.3 * np.tanh(ph.SmoothField.draw(rng, (30.0, 90.0), 6)(f_points))
@@ -308,7 +303,7 @@ def make_invivo_patient(seed: int | np.random.SeedSequence, *, kind: str = "mixe
     maps = {k: (v * g).astype(np.float32) for k, v in maps.items()}
 
     mri_affine, mri_shape = _mri_grid(rng, affine, shape)
-    mri_points = ph.grid_points(mri_shape, mri_affine)
+    mri_points = grid_centres(mri_affine, mri_shape)
     q = pose.to_mni(mri_points)
     mri = ph._sample({k: getattr(templ, k) for k in ("t1", "gm", "wm", "brain")}, templ.affine, q)
     t1, flair, contrast_info = ph._mri_contrasts(rng, mri, lesion.labels(q, mri["wm"], mri["brain"]), mri_points)

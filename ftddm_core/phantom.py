@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import METABOLITES
+from .volume import apply_affine, grid_centres, largest_component
 
 MAP_SIZE = 64  # in-plane matrix of the HR maps (paper: 64×64)
 MAP_VOXEL_MM = 3.4  # isotropic HR voxel (paper: 3.4 mm)
@@ -147,16 +148,17 @@ def load_templates(resolution: int = 1) -> Templates:
 def _lesion_centre_candidates(wm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Deep-WM points (WM prob > 0.9) away from the midline, at heights a 7T MRSI slab usually covers."""
     idx = np.argwhere(wm[::2, ::2, ::2] > 0.9) * 2
-    xyz = idx @ affine[:3, :3].T + affine[:3, 3]
+    xyz = apply_affine(affine, idx)
     keep = (np.abs(xyz[:, 0]) > 14) & (np.abs(xyz[:, 0]) < 45) & (xyz[:, 1] > -65) & (xyz[:, 1] < 40)
     keep &= (xyz[:, 2] > 0) & (xyz[:, 2] < 40)
     return xyz[keep]
 
 
-def _sample(volumes: dict[str, np.ndarray], affine: np.ndarray, points_mm: np.ndarray) -> dict[str, np.ndarray]:
-    """Trilinear samples of several same-grid volumes at world points (…, 3); 0 outside."""
+def _sample(volumes: dict[str, np.ndarray], affine: np.ndarray, points_mm: np.ndarray,
+            outside: float = 0.0) -> dict[str, np.ndarray]:
+    """Trilinear samples of several same-grid volumes at world points (…, 3); `outside` beyond the grid."""
     ijk = ((points_mm.reshape(-1, 3) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).T.astype(np.float32)
-    return {name: ndimage.map_coordinates(vol, ijk, order=1, mode="constant", cval=0.0, prefilter=False)
+    return {name: ndimage.map_coordinates(vol, ijk, order=1, mode="constant", cval=outside, prefilter=False)
             .reshape(points_mm.shape[:-1]) for name, vol in volumes.items()}
 
 
@@ -261,17 +263,9 @@ class Lesion:
         return _connected_lesion(out)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labelled, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, n + 1))
-    return labelled == 1 + int(np.argmax(sizes))
-
-
 def _connected_lesion(labels: np.ndarray) -> np.ndarray:
     """Keep one solid tumour (largest component) and only the edema connected to it: no scattered islands."""
-    tumour = _largest_component(np.isin(labels, (1, 2)))
+    tumour = largest_component(np.isin(labels, (1, 2)))
     if not tumour.any():
         return np.zeros_like(labels)
     labelled, _ = ndimage.label(tumour | (labels == 3))
@@ -303,12 +297,6 @@ def _draw_lesion(rng: np.random.Generator, templates: Templates) -> tuple[Lesion
 
 
 # -------------------------------------------------------------------------------------------------- grids
-def grid_points(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """World coordinates (mm) of every voxel centre of a grid, shape (*shape, 3)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
-
-
 def _supersampled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     """Affine of a grid with `factor` sub-voxels per voxel and axis, sub-voxel centres inside each voxel."""
     sub = np.eye(4)
@@ -442,7 +430,7 @@ def make_patient(seed: int | np.random.SeedSequence, *, slices: int | None = Non
 
     # Map grid: 2×2×2 sub-voxels averaged, so tissue fractions and lesion borders have partial volume.
     fine_affine = _supersampled_affine(map_affine, SUPERSAMPLE)
-    fine = anatomy_at(grid_points(tuple(n * SUPERSAMPLE for n in shape), fine_affine))
+    fine = anatomy_at(grid_centres(fine_affine, tuple(n * SUPERSAMPLE for n in shape)))
     gm_c, wm_c = _draw_concentrations(rng)
     factors = _draw_lesion_factors(rng)
     brain_frac = _block_mean(fine["brain"], SUPERSAMPLE)
@@ -452,7 +440,7 @@ def make_patient(seed: int | np.random.SeedSequence, *, slices: int | None = Non
     label_fracs = np.stack([_block_mean((fine["labels"] == v).astype(np.float32), SUPERSAMPLE) for v in range(4)])
     lesion_map = np.where(brain, np.argmax(label_fracs, axis=0), 0).astype(np.uint8)
 
-    map_points = grid_points(shape, map_affine)
+    map_points = grid_centres(map_affine, shape)
     noise_fraction = float(rng.uniform(0.02, 0.05))
     maps = {}
     for name in METABOLITES:
@@ -467,7 +455,7 @@ def make_patient(seed: int | np.random.SeedSequence, *, slices: int | None = Non
     quality, quality_info = _quality_mask(rng, brain, pose.to_mni(map_points), map_affine)
 
     mri_affine, depth = _mri_affine(rng, slices, z_centre)
-    mri_points = grid_points((MRI_SIZE, MRI_SIZE, depth), mri_affine)
+    mri_points = grid_centres(mri_affine, (MRI_SIZE, MRI_SIZE, depth))
     mri = anatomy_at(mri_points)
     t1, flair, contrast_info = _mri_contrasts(rng, mri, mri["labels"], mri_points)
 

@@ -434,8 +434,8 @@ def _check_cond(cond) -> None:
 
 
 def _validate_inputs(cond, scale, measured_kspace, data_consistency, device):
-    """Check cond (B, 4, H, W) finite, scale scalar or (B,), measured k-space (B[, 1], m, m); move to device."""
-    _check_cond(cond)
+    """Check cond finite (its shape: _check_cond, first, as the device is read off it), scale scalar or (B,),
+    measured k-space (B[, 1], m, m); move to device."""
     if not cond.dtype.is_floating_point or not bool(torch.isfinite(cond).all()):
         raise ValueError("cond must be a floating-point tensor without NaN or inf")
     B, _, H, W = cond.shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .atomic import atomic_savefig, atomic_write_text
 from .checkpoint import json_metadata, read_safetensors, write_safetensors
 from .config import FTDDMConfig
 from .device import autocast, resolve_device
@@ -381,16 +383,13 @@ def _read_log(path: Path) -> list[dict]:
 
 def _write_log(run: RunDirectory, rows: list[dict], config, opts, data_info) -> None:
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
-    tmp = run.log_csv.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, run.log_csv)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run.log_csv, buf.getvalue())
     info = {"config": config.to_dict(), "options": asdict(opts), "data": data_info or {}, "log": rows[-1]}
-    tmp = run.run_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run.run_json)
+    atomic_write_text(run.run_json, json.dumps(info, indent=2))
 
 
 def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
@@ -417,5 +416,4 @@ def _plot_curve(run: RunDirectory, rows: list[dict]) -> None:
         twin.plot(*zip(*vals), "k--", label="validation total (EMA)")
         twin.legend(loc="center right")
     fig.tight_layout()
-    fig.savefig(run.curve, dpi=100)
-    plt.close(fig)
+    atomic_savefig(fig, run.curve, dpi=100)

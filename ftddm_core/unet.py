@@ -20,11 +20,7 @@ from torch import nn
 
 from .padding import masked as _masked, valid_pyramid
 from .config import UNetConfig
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of scalars in all parameters of a module (trainable or not)."""
-    return sum(p.numel() for p in module.parameters())
+from .nnutil import count_parameters  # noqa: F401 (evaluate imports it from here)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

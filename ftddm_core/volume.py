@@ -1,5 +1,5 @@
-"""Geometry, resampling and image I/O for `ftddm super-resolve` (the only ftddm_core module besides data/cli
-that touches files).
+"""Geometry, resampling and image I/O for `ftddm super-resolve`: NIfTI through :mod:`ftddm_core.nifti` (the one
+NIfTI reader/writer, which data.py uses too), other formats and DICOM series folders through SimpleITK.
 
 Conventions
 -----------
@@ -40,20 +40,18 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from . import kspace, prep
-from .atomic import atomic_write
+from .nifti import NIFTI_SUFFIXES, is_nifti, read_nifti, save_nifti  # noqa: F401 (NIFTI_SUFFIXES: public here too)
 
 #: RAS ↔ LPS: negate x and y.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Relative tolerance for "same grid" and "same field of view" comparisons.
 GRID_RTOL = 1e-4
 FOV_RTOL = 1e-3
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 # ---------------------------------------------------------------------------------------------- Volume
@@ -126,13 +124,23 @@ class Volume:
 
     def voxel_to_world(self, ijk) -> np.ndarray:
         """RAS (mm) of (continuous) voxel indices (…, 3)."""
-        ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return apply_affine(self.affine, ijk)
 
     def world_to_voxel(self, xyz) -> np.ndarray:
         """Continuous voxel indices of RAS points (…, 3)."""
-        inv = np.linalg.inv(self.affine)
-        return np.asarray(xyz, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+        return apply_affine(np.linalg.inv(self.affine), xyz)
+
+
+def apply_affine(affine, points) -> np.ndarray:
+    """Points (…, 3) through a 4×4 affine: p @ A[:3, :3]ᵀ + A[:3, 3] (voxel → RAS mm for a voxel affine)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def grid_centres(affine, shape) -> np.ndarray:
+    """RAS (mm) of every voxel centre of a grid, shape (*shape, 3)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape[:3]], indexing="ij"), axis=-1)
+    return apply_affine(affine, ijk)
 
 
 def volume_from_array(data, affine, path: str | None = None) -> Volume:
@@ -196,26 +204,6 @@ def from_sitk(image: sitk.Image, path: str | None = None) -> Volume:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        img = nib.load(str(path))
-        data = img.get_fdata(dtype=np.float32)  # applies scl_slope/inter: physical units
-    except Exception as err:  # nibabel raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable NIfTI image ({err}); expected a .nii/.nii.gz volume") from err
-    affine = np.asarray(img.affine, dtype=np.float64)
-    # Spatial units other than mm are rescaled so every affine downstream is in mm.
-    unit = img.header.get_xyzt_units()[0]
-    to_mm = {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
-    if to_mm != 1.0:
-        affine = affine.copy()
-        affine[:3, :] *= to_mm
-    return data, affine
-
-
 @contextlib.contextmanager
 def _quiet_itk():
     """Silence ITK's own WARNING lines (e.g. "No Series were found" for a folder) while we read: the error we
@@ -287,8 +275,8 @@ def load_volume(path, *, nan_policy: str = "raise", allow_all_zero: bool = False
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; expected an image volume")
-    if _is_nifti(path):
-        data, affine = _read_nifti(path)
+    if is_nifti(path):
+        data, affine = read_nifti(path)
     else:
         image = _read_with_sitk(path)
         if image.GetDimension() < 3:
@@ -311,27 +299,18 @@ def load_volume(path, *, nan_policy: str = "raise", allow_all_zero: bool = False
 
 # ---------------------------------------------------------------------------------------------- saving
 def save_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
-    """Write a NIfTI (.nii/.nii.gz) atomically: float32 data unchanged (input units), sform/qform = affine, mm.
+    """Write a NIfTI (.nii/.nii.gz) with nifti.save_nifti: float32 data unchanged (input units), sform = affine
+    and qform = affine unless it has a shear, mm.
 
     The file appears complete or not at all, with the mode the umask gives a new file (atomic.atomic_write).
     An existing file is refused unless overwrite=True.
     """
     path = Path(path)
-    if not _is_nifti(path):
+    if not is_nifti(path):
         raise ValueError(f"{path}: output must be a NIfTI file ending in .nii or .nii.gz")
     if np.iscomplexobj(volume.data):
         raise ValueError(f"{path}: complex data cannot be saved; take the magnitude (np.abs) first")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (Python: overwrite=True) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine)
-    img.set_sform(volume.affine, code=1)
-    # qform cannot hold a shear; leave it unset then so readers use the exact sform.
-    rot = volume.direction
-    img.set_qform(volume.affine, code=1 if np.allclose(rot.T @ rot, np.eye(3), atol=1e-6) else 0)
-    img.header.set_xyzt_units(xyz="mm", t="sec")
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
-    return path
+    return save_nifti(np.asarray(volume.data, dtype=np.float32), volume.affine, path, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------- slice axis
@@ -609,13 +588,6 @@ def resample_to_grid(volume: Volume, affine, shape, *, interpolation: str = "lin
     return out[0] if volume.data.ndim == 3 else np.stack(out, axis=-1)
 
 
-def grid_centres(affine, shape) -> np.ndarray:
-    """RAS (mm) of every voxel centre of a grid, shape (*shape, 3)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape[:3]], indexing="ij"), axis=-1).astype(np.float64)
-    affine = np.asarray(affine, dtype=np.float64)
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
-
-
 def overlap_fraction(moving: Volume, target_affine, target_shape) -> float:
     """Fraction of the target grid's voxel centres that lie inside the moving volume's voxels."""
     ijk = moving.world_to_voxel(grid_centres(target_affine, target_shape))
@@ -655,7 +627,8 @@ def prepare_mri(t1: Volume, flair: Volume, affine, shape, mask=None, *, target_n
 
 
 # -------------------------------------------------------------------------------------------- auto mask
-def _largest_component(binary: np.ndarray) -> np.ndarray:
+def largest_component(binary: np.ndarray) -> np.ndarray:
+    """The largest connected component (face connectivity) of a binary array, as bool; all of it if ≤ 1 piece."""
     labels, n = ndimage.label(binary)
     if n <= 1:
         return binary.astype(bool)
@@ -674,7 +647,7 @@ def brain_mask(t1: np.ndarray, axis: int = 0, erosion: int = 1) -> np.ndarray:
     t1 = np.asarray(t1, dtype=np.float64)
     if np.ptp(t1) == 0:
         return np.zeros(t1.shape, dtype=bool)
-    brain = _largest_component(t1 > threshold_otsu(t1.ravel()))  # ravel: 3D, not RGB
+    brain = largest_component(t1 > threshold_otsu(t1.ravel()))  # ravel: 3D, not RGB
     slices = to_slices(brain, axis)
     out = np.empty_like(slices)
     for n, sl in enumerate(slices):

@@ -10,8 +10,9 @@ import csv
 import json
 from pathlib import Path
 
+from ftddm_core.atomic import atomic_write_text
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256
-from ftddm_core.unet import count_parameters
+from ftddm_core.nnutil import count_parameters
 
 
 def training_summary(run: Path) -> dict:
@@ -67,7 +68,7 @@ def main() -> None:
         "reproduce": "scripts/train_default_model.sh",
     }
     model.save(args.out, overwrite=True, extra={"model_card": card})
-    args.out.with_suffix(".json").write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(card, indent=2, ensure_ascii=False))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {args.out.with_suffix('.json')}")
 
 

@@ -7,9 +7,7 @@ in Fortran order on disk, the affine is voxel → RAS in mm (NIfTI-1 standard, �
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +99,8 @@ def _header(shape: tuple, dtype: np.dtype, affine: np.ndarray) -> bytes:
 
 
 def write_nifti(path, data: np.ndarray, affine) -> Path:
-    """Write (i, j, k[, c]) data with a voxel → RAS affine (sform, and qform when it has no shear), atomically.
+    """Write (i, j, k[, c]) data with a voxel → RAS affine (sform, and qform when it has no shear), atomically
+    (ftddm_core.atomic.atomic_write: the umask's file mode, never a half-written file).
 
     .nii.gz files are written reproducibly (gzip mtime 0, no embedded name).
     """
@@ -121,21 +120,19 @@ def write_nifti(path, data: np.ndarray, affine) -> Path:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"{path}: expected a finite 4×4 affine, got {affine.shape}")
     payload = _header(data.shape, np.dtype(dtype.name), affine) + np.asarray(data, dtype=dtype).tobytes(order="F")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
+    # Imported here, not with the module: the engine folder joins sys.path only after the Lib has loaded
+    # (MRSISuperResolution._makeEngineImportable); ftddm_core.atomic needs nothing beyond the standard library.
+    from ftddm_core.atomic import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw:
             if compressed:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
                     gz.write(payload)
             else:
                 raw.write(payload)
-        os.replace(tmp, path)
-    except BaseException:  # never leave a half-written file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -193,9 +193,9 @@ class ReaderSession:
         for n, t in enumerate(session.trials, 1):
             s = t.source
             writer.writerow([n, t.case_id, t.sr_side, s.patient, s.metabolite, s.slice_index, s.low_ref, s.sr_ref])
-        tmp = session.key_path.with_suffix(".partial")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, session.key_path)
+        from ftddm_core.atomic import atomic_write_text  # here: the engine joins sys.path after the Lib loads
+
+        atomic_write_text(session.key_path, buf.getvalue())
         return session
 
     @classmethod

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import niftiio
+from . import geometry, niftiio
 
 SEED = 20240
 MRSI_MATRIX, MODEL_MATRIX, MRSI_SLICES = 16, 64, 6
@@ -90,8 +90,8 @@ def mrsi_affine() -> np.ndarray:
 
 
 def _grid_points(affine: np.ndarray, shape) -> np.ndarray:
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
+    """RAS (mm) of every voxel centre of a grid, shape (*shape, 3)."""
+    return geometry.voxel_to_ras(affine, np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1))
 
 
 def _truncate_kspace(hr: np.ndarray, m: int) -> np.ndarray:

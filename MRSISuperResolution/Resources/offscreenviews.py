@@ -19,6 +19,8 @@ import types
 
 import numpy as np
 
+from ftddm_core.atomic import atomic_write
+
 VIEW_SIZE = (400, 400)  # pixels of each offscreen view: one tile of a screenshot
 # Displayable managers of a slice view in Slicer (qMRMLSliceView) that slicer-core ships and that need no Qt.
 SLICE_DISPLAYABLE_MANAGERS = ("vtkMRMLCrosshairDisplayableManager", "vtkMRMLScalarBarDisplayableManager",
@@ -283,7 +285,7 @@ def tile(images, gap: int = 4, background=(0, 0, 0)) -> np.ndarray:
 
 
 def write_png(path, rgb: np.ndarray) -> None:
-    """PNG via VTK's writer, written next to the target and renamed (never a half-written file)."""
+    """PNG via VTK's writer, through ftddm_core.atomic.atomic_write (never a half-written file)."""
     import vtk
     from vtkmodules.util.numpy_support import numpy_to_vtk
 
@@ -291,12 +293,12 @@ def write_png(path, rgb: np.ndarray) -> None:
     image = vtk.vtkImageData()
     image.SetDimensions(rgb.shape[1], rgb.shape[0], 1)
     image.GetPointData().SetScalars(numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
-    path = os.fspath(path)
-    partial = path + ".partial.png"
-    writer = vtk.vtkPNGWriter()
-    writer.SetFileName(partial)
-    writer.SetInputData(image)
-    writer.Write()
-    if writer.GetErrorCode():
-        raise OSError(f"{path}: could not write the PNG (VTK error code {writer.GetErrorCode()})")
-    os.replace(partial, path)
+    def write(tmp: str) -> None:
+        writer = vtk.vtkPNGWriter()
+        writer.SetFileName(tmp)
+        writer.SetInputData(image)
+        writer.Write()
+        if writer.GetErrorCode():
+            raise OSError(f"{path}: could not write the PNG (VTK error code {writer.GetErrorCode()})")
+
+    atomic_write(path, write)

@@ -1,5 +1,7 @@
 """The numpy NIfTI reader/writer against nibabel (an independent implementation of the standard)."""
 import gzip
+import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -96,4 +98,17 @@ def test_errors_say_what_was_expected(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(gzip.compress(b"x" * 400))
     with pytest.raises(ValueError, match="NIfTI-1"):
         niftiio.read_nifti(tmp_path / "junk.nii.gz")
-    assert not list(tmp_path.glob(".*partial"))  # failed writes leave nothing behind
+    assert [p.name for p in tmp_path.iterdir()] == ["junk.nii.gz"]  # failed writes leave nothing behind
+
+
+def test_written_files_get_the_mode_of_a_normally_created_file(tmp_path):
+    # through ftddm_core.atomic: a temporary from mkstemp alone would stay 0o600, unreadable to colleagues
+    old = os.umask(0o022)
+    try:
+        path = niftiio.write_nifti(tmp_path / "m.nii.gz", np.ones((2, 2, 2), np.uint8), np.eye(4))
+        plain = tmp_path / "plain.txt"
+        plain.write_text("reference")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz", "plain.txt"]

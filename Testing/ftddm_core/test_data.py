@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftddm_core import data, kspace, phantom
+from ftddm_core import data, kspace, nifti, phantom
 from ftddm_core.config import METABOLITES
 
 SEED, N_PATIENTS, SLICES = 3, 2, 6
@@ -83,7 +83,7 @@ def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
         open(filename, "wb").write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(data.nib, "save", broken_save)
+    monkeypatch.setattr(nifti.nib, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         data.save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), tmp_path / "NAA.nii.gz")
     assert list(tmp_path.iterdir()) == []
@@ -219,16 +219,15 @@ def test_scale_does_not_look_at_hr_beyond_the_kspace_centre(loaded):
 
 
 def test_batches_share_one_lr_size(loaded):
-    ds = data.SliceDataset(loaded, augment=True)
-    sampler = data.LRSizeBatchSampler(len(ds), batch_size=8, seed=2)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
-    sizes, seen = set(), []
-    for batch in loader:
-        assert len(set(batch["lr_size"].tolist())) == 1
-        assert torch.allclose(batch["scale"], 64.0 / batch["lr_size"].double())
-        sizes.add(int(batch["lr_size"][0]))
-        seen += [(pid, int(z), met) for pid, z, met in zip(batch["patient"], batch["slice"], batch["metabolite"])]
-    assert len(seen) == len(ds) == len(set(seen)) and len(sampler) == -(-len(ds) // 8)
+    # paper: one LR size m per batch, drawn from 8…32 on the 64×64 grid; scale s = 64/m for every example
+    src = data.BatchSource(data.SliceDataset(loaded, augment=True))
+    sizes = set()
+    for seed in range(12):
+        scale = src.sample_batch(4, torch.Generator().manual_seed(seed))["scale"].double()
+        assert len(set(scale.tolist())) == 1
+        m = round(64.0 / float(scale[0]))
+        assert torch.allclose(scale, torch.full_like(scale, 64.0 / m))
+        sizes.add(m)
     assert len(sizes) > 3 and sizes <= set(data.LR_SIZES)
 
 

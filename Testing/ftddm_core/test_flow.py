@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftddm_core.config import FlowConfig, preset
-from ftddm_core.flow import ActNorm, ConditionalFlow, InvertibleConv1x1, count_parameters, latent_shapes, valid_pyramid
+from ftddm_core.flow import ActNorm, ConditionalFlow, InvertibleConv1x1, latent_shapes, valid_pyramid
+from ftddm_core.nnutil import count_parameters
 
 N = 64  # training tile size of every preset
 PAPER_FLOW_PARAMS = 17.6e6  # published size of the flow (reference §4)

@@ -97,6 +97,23 @@ def test_atomic_write_follows_another_umask(tmp_path):
     assert _mode(path) == 0o600
 
 
+def test_figures_are_saved_atomically_and_closed(umask_022, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1, 1))
+    path = atomic.atomic_savefig(fig, tmp_path / "f.png", dpi=20)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _mode(path) == umask_022
+    assert fig.number not in plt.get_fignums()  # pyplot no longer holds it
+    broken = plt.figure(figsize=(1, 1))
+    broken.savefig = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        atomic.atomic_savefig(broken, tmp_path / "g.png", dpi=20)
+    assert broken.number not in plt.get_fignums() and sorted(os.listdir(tmp_path)) == ["f.png"]
+
+
 # ----------------------------------------------------------------------------------- signs and units
 def test_zero_fill_keeps_the_sign_and_units():
     rng = np.random.default_rng(0)

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ftddm_core.config import preset
-from ftddm_core.unet import AttentionBlock, ChannelNorm, ResBlock, UNet, count_parameters, timestep_embedding
+from ftddm_core.nnutil import count_parameters
+from ftddm_core.unet import AttentionBlock, ChannelNorm, ResBlock, UNet, timestep_embedding
 
 N = 64  # training tile size of every preset
 COND = preset("tiny").unet.cond_channels  # [LR_zf, M, T1, FLAIR, x̂0 of the encoder]

@@ -155,7 +155,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch, exc):
             fh.write(b"\0" * 100)
         raise exc("interrupted")
 
-    monkeypatch.setattr(V.nib, "save", half_write)
+    monkeypatch.setattr(nib, "save", half_write)
     with pytest.raises(exc):
         V.save_volume(V.Volume(np.ones((2, 2, 2)), np.eye(4)), tmp_path / "x.nii.gz")
     assert os.listdir(tmp_path) == []
@@ -163,7 +163,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch, exc):
 
 def test_interrupted_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
     path = V.save_volume(V.Volume(np.full((2, 2, 2), 3.0), np.eye(4)), tmp_path / "x.nii")
-    monkeypatch.setattr(V.nib, "save", lambda img, fn: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(nib, "save", lambda img, fn: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         V.save_volume(V.Volume(np.ones((2, 2, 2)), np.eye(4)), path, overwrite=True)
     monkeypatch.undo()
