@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from MRSISuperResolutionLib import dependencies, runner
-from MRSISuperResolutionLib.options import SuperResolveParameters
+from MRSISuperResolutionLib.options import SuperResolveOptions
 
 pytest.importorskip("torch")
 requirements_lib = pytest.importorskip("packaging.requirements")
@@ -117,7 +117,7 @@ def test_the_modules_super_resolve_command_runs_with_only_slicers_packages(block
     _names, env = blocked_env
     job = runner.SuperResolveJob([sys.executable], REPO, env=env, temp_parent=str(tmp_path))
     job.prepare([sample_patient["NAA"]], sample_patient["T1"], sample_patient["FLAIR"], model=str(tiny_model),
-                parameters=SuperResolveParameters(device="cpu", steps=1, samples=2))
+                parameters=SuperResolveOptions(device="cpu", steps=1, samples=2))
     with job:
         state = job.wait(timeout=120)
         assert state == runner.COMPLETED, job.error_message
