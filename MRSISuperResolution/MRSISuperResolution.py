@@ -281,10 +281,8 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.ui.autoScaleCheckBox.text = _("Detect the upscaling factor from the input ({matrix}² → 64², s = {s:.2f})"
                                            ).format(matrix=matrix, s=factor)
-        if p.autoScale:
-            shown = min(max(factor, 2.0), 8.0)
-            if abs(p.scale - shown) > 1e-9:
-                p.scale = shown
+        if p.autoScale and abs(p.scale - factor) > 1e-9:  # detection refuses factors outside the trained range
+            p.scale = factor
 
     def _updateRerunOffer(self, p):
         changed = p.lastRunTauD >= 0 and abs(p.tauD - p.lastRunTauD) > 1e-9 and self._run is None

@@ -24,7 +24,7 @@ import torch
 
 from .config import COND_CHANNELS
 from .kspace import data_consistency as _kspace_data_consistency
-from .options import SAMPLERS  # noqa: F401  (the one list, with what each does)
+from .options import SAMPLERS
 from .padding import valid_size
 from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipped_start, respace, space_timesteps
 

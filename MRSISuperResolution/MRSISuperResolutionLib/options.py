@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ftddm_core.options import DEVICES, SAMPLERS, SuperResolveOptions  # noqa: F401  (the module uses all three)
+from ftddm_core.options import SuperResolveOptions
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from MRSISuperResolutionLib.options import SAMPLERS, SuperResolveOptions, engine_bootstrap, super_resolve_command
+from ftddm_core.options import SAMPLERS
+from MRSISuperResolutionLib.options import SuperResolveOptions, engine_bootstrap, super_resolve_command
 
 
 def parse_with_engine(argv):

@@ -4,6 +4,7 @@ slicer-core ships MRML and slicer.util but not those pure-Python packages; the p
 in ../shared/reference/slicer_python/v5.10.0, which are added to the `slicer` package here. Only Qt and CTK
 (widget classes the wrapper names but the parameter node never uses) and the application object are stubbed.
 """
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -24,9 +25,8 @@ if REAL_SLICER is None or not (REAL_SLICER / "parameterNodeWrapper" / "wrapper.p
     pytest.skip("Slicer's real Python sources are absent (../shared/reference/slicer_python/v5.10.0 beside the "
                 "repository); these tests need them", allow_module_level=True)
 
-from ftddm_core.options import option  # noqa: E402
-from MRSISuperResolutionLib.options import (SAMPLERS, SuperResolveOptions, node_parameters,  # noqa: E402
-                                            options_from_node)
+from ftddm_core.options import SAMPLERS, option  # noqa: E402
+from MRSISuperResolutionLib.options import SuperResolveOptions, node_parameters, options_from_node  # noqa: E402
 
 REAL_MODULES = ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
 # module helpers that import qt/slicer at load time: imported afresh here, and dropped again afterwards, so
@@ -124,6 +124,22 @@ def node(real, scene):
     return real.module.MRSISuperResolutionLogic().getParameterNode()
 
 
+@contextlib.contextmanager
+def saved_and_loaded(real, scene, folder):
+    """The module's parameter node of `scene` after a real save (Commit) and load (Import) of the scene file."""
+    path = folder / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Import()
+    slicer.mrmlScene = loaded
+    try:
+        yield real.module.MRSISuperResolutionLogic().getParameterNode()
+    finally:
+        loaded.Clear(1)
+
+
 def test_the_real_slicer_sources_are_used_and_log_no_warning(real):
     for name, source in real.sources.items():
         assert pathlib.Path(source.__file__).resolve().is_relative_to(REAL_SLICER.resolve()), name
@@ -193,22 +209,12 @@ def test_every_option_round_trips_through_the_node_a_saved_scene_and_parametersF
         if parameter.automatic_name:
             setattr(node, parameter.automatic_name, False)
         setattr(node, parameter.name, getattr(expected, parameter.field))
-    path = tmp_path / "scene.mrml"
-    scene.SetURL(str(path))
-    assert scene.Commit()
-    loaded = slicer.vtkMRMLScene()
-    loaded.SetURL(str(path))
-    assert loaded.Import()
-    slicer.mrmlScene = loaded
-    try:
-        again = real.module.MRSISuperResolutionLogic().getParameterNode()
-        assert again.parameterNode is not node.parameterNode
+    with saved_and_loaded(real, scene, tmp_path) as again:
+        assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
         assert real.module.MRSISuperResolutionLogic.parametersFromNode(again) == expected
         again.autoScale = again.autoFactor = again.autoSliceAxis = True  # back to automatic: the engine's 0 / −1
         back = real.module.MRSISuperResolutionLogic.parametersFromNode(again)
         assert (back.scale, back.factor, back.slice_axis) == (0.0, 0.0, -1)
-    finally:
-        loaded.Clear(1)
 
 
 def _accepts_node(node, name, value):
@@ -260,16 +266,7 @@ def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, n
     node.studyFolder = tmp_path / "study"
     node.readerName = "Dr Ä"
     node.modelPath = tmp_path / "model.safetensors"
-    path = tmp_path / "scene.mrml"
-    scene.SetURL(str(path))
-    assert scene.Commit()
-
-    loaded = slicer.vtkMRMLScene()
-    loaded.SetURL(str(path))
-    assert loaded.Import()
-    slicer.mrmlScene = loaded
-    try:
-        again = real.module.MRSISuperResolutionLogic().getParameterNode()
+    with saved_and_loaded(real, scene, tmp_path) as again:
         assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
         assert (again.tauD, again.sampler, again.steps, again.factor, again.bf16) == (0.35, "ddpm", 25, 3.5, True)
         assert again.studyFolder == tmp_path / "study" and again.modelPath == tmp_path / "model.safetensors"
@@ -278,8 +275,6 @@ def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, n
             ["Vol_mrsi", "Vol_t1", "Vol_flair"]
         assert again.maskVolume is None
         assert again.tauF == SuperResolveOptions().tau_f  # untouched values keep their defaults
-    finally:
-        loaded.Clear(1)
     assert real.warnings.messages == []
 
 
