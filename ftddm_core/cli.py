@@ -228,8 +228,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path, help="dataset folder to write (one sub-NNN folder per "
                                                             "patient, docs/dataset_format.md)")
     sp.add_argument("--patients", type=int, default=25,
-                    help="number of patients, ≥ 1; training needs at least 3 (train/validation/test) and the "
-                         "5-fold split of `ftddm train` wants ≥ 25 (default: 25)")
+                    help="number of patients, ≥ 1; `ftddm train` needs at least 3 (train/validation/test; the "
+                         "shipped model's cohort had 50) (default: 25)")
     sp.add_argument("--seed", type=int, default=0,
                     help="cohort seed: the same seed gives the same patients; use disjoint seeds for held-out "
                          "cohorts (default: 0)")

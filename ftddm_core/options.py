@@ -52,8 +52,9 @@ class SuperResolveOptions:
     """Sampling and geometry options of one run (CLI flag = field name with '_' → '-')."""
 
     factor: float = option(
-        0.0, "in-plane output factor F: each in-plane LR axis of m voxels becomes round(F·m) voxels, field of view "
-        f"kept. 0 = automatic: a square m×m map (m = 8 … 32) goes onto the model's 64×64 (F = 64/m). F = {_TRAINED} "
+        0.0, "in-plane output factor F: each in-plane LR axis of m voxels becomes round(F·m) voxels, field of "
+        "view kept. 0 = automatic: a square m×m map (m = 8 … 32) goes onto the model's 64×64 (F = 64/m). "
+        f"F = {_TRAINED} "
         "(the trained range; --force allows 1 … 64). Set it for rectangular or odd matrices, or for an output "
         "smaller than 64×64", bounds=(1.0, MAX_FACTOR), trained=TRAINED_SCALES, automatic=0.0)
     scale: float = option(
@@ -67,8 +68,9 @@ class SuperResolveOptions:
         "1 = the trained noise level, higher = sharper but noisier", bounds=(0.0, 2.0))
     tau_f: float = option(
         0.7, "flow temperature τ_f, 0 … 2: spread of the truncated start x_Ttrunc around the encoder's estimate. "
-        "1 = the spread the flow is trained for (calibrated uncertainty, about 1 dB lower PSNR); 0.7, chosen on "
-        "validation patients, keeps most of the PSNR and an under-dispersed uncertainty; 0 = the flow's mode. "
+        "1 = the spread the flow is trained for (calibrated uncertainty, 1.1–1.5 dB below the encoder's PSNR); "
+        "0.7, chosen on validation patients, costs 0.2 dB and keeps an under-dispersed uncertainty; 0 = the flow's "
+        "mode. "
         "Raise it when the uncertainty map matters more than the last dB", bounds=(0.0, 2.0))
     sampler: str = option("dpmpp", f"reverse-diffusion sampler: {_SAMPLER_LIST}", choices=SAMPLERS)
     steps: int = option(
@@ -80,7 +82,8 @@ class SuperResolveOptions:
         "(uniform in λ = log(α/σ), denser near the end); dpmpp, dpmpp-sde and ddpm only", choices=SPACINGS)
     samples: int = option(
         8, f"draws per map, 1 … {MAX_SAMPLES}: the SR map is their mean, the uncertainty map their per-voxel "
-        "standard deviation. Time grows linearly; 1 gives no uncertainty (a zero map), 4–8 is usual",
+        "standard deviation (times the model's calibration factor, if it has one). Time grows linearly; 1 gives "
+        "no uncertainty (a zero map), 4–8 is usual",
         bounds=(1, MAX_SAMPLES))
     data_consistency: float = option(
         0.0, "λ, 0 … 1: at every step the central (measured) k-space block of the estimate becomes "
@@ -100,8 +103,8 @@ class SuperResolveOptions:
         64, "images per network call, 1 … 4096: bounds memory (RAM or GPU), never changes the maps. Lower it when "
         "a run runs out of memory, raise it on a large GPU", bounds=(1, 4096))
     bf16: bool = option(
-        False, "bfloat16 autocast: 1.6–2.2× faster on AVX-512 CPUs and recent GPUs, maps differ by about 1 %; "
-        "off for exact float32 results")
+        False, "bfloat16 autocast: 1.6–2.2× faster on AVX-512 CPUs, maps differ by about 1 %; off for exact "
+        "float32 results")
     force: bool = option(
         False, f"run with a factor F or s (given, or 64/m by default) outside the trained range {_TRAINED}; the "
         "model has never seen such factors, so check the result")

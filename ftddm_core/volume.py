@@ -48,7 +48,6 @@ from scipy import ndimage
 from . import kspace, prep
 from .atomic import atomic_write
 from .lr_grid import FOV_RTOL, check_axis, check_factor, default_factor, inplane_axes, refined_size, slice_axis_rule
-from .lr_grid import lr_matrix_range  # noqa: F401  (part of this module's API since before lr_grid)
 
 #: RAS ↔ LPS: negate x and y.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

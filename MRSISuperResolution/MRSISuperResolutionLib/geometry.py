@@ -80,7 +80,8 @@ def detect_slice_axis(shape, affine) -> int:
     return lr_grid.slice_axis_rule(shape, spacing(affine), direction(affine)[2])
 
 
-def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE, slice_axis: int = -1) -> tuple[int, int, float]:
+def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE,
+                            slice_axis: int = -1) -> tuple[int, int, float]:
     """(slice axis, LR in-plane matrix m, factor s = model_size / m) the engine will use for this grid without
     a factor F: a square m×m in-plane matrix in the trained range; ValueError (the engine's) otherwise."""
     axis = detect_slice_axis(shape, affine) if slice_axis < 0 else lr_grid.check_axis(slice_axis)

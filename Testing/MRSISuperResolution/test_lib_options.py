@@ -36,7 +36,8 @@ def test_every_value_reaches_the_engine_parser():
 
 def test_factor_reaches_the_engine_parser_set_or_automatic():
     for factor in (0.0, 2.5):
-        cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o", parameters=SuperResolveOptions(factor=factor))
+        cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o",
+                                    parameters=SuperResolveOptions(factor=factor))
         assert parse_with_engine(cmd[cmd.index("super-resolve"):]).factor == factor
     for ok in (0.0, 2.0, 8.0):
         SuperResolveOptions(factor=ok).validate()

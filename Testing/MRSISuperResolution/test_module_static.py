@@ -93,7 +93,8 @@ def render(hint):
     if typing.get_origin(hint) is typing.Annotated:
         base, *extras = typing.get_args(hint)
         return "Annotated[%s, %s]" % (render(base), ", ".join("%s%r" % marker for marker in extras))
-    return hint.__qualname__ if hint.__module__ in ("builtins", "__main__") else hint.__module__ + "." + hint.__qualname__
+    local = hint.__module__ in ("builtins", "__main__")  # __main__: the stand-in vtkMRMLScalarVolumeNode
+    return hint.__qualname__ if local else hint.__module__ + "." + hint.__qualname__
 hints = typing.get_type_hints(m.MRSISuperResolutionParameterNode, include_extras=True)
 print(json.dumps({name: render(hint) for name, hint in hints.items()}))
 """
