@@ -19,16 +19,16 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Validator, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MRSISuperResolutionLib import dependencies, geometry, inputs, mrml, resultviews, runner
+from MRSISuperResolutionLib import dependencies, engine_directory, geometry, inputs, mrml, resultviews, runner
+from MRSISuperResolutionLib.options import SuperResolveOptions, node_parameters, options_from_node
 from MRSISuperResolutionLib.readerstudylogic import ReaderStudyDisplay
 from MRSISuperResolutionLib.readerstudywidget import ReaderStudyPanel, defaultStudyFolder, isUnsetFolder
 from MRSISuperResolutionLib.runhandle import RunHandle
-from MRSISuperResolutionLib.options import DEVICES, SAMPLERS, SuperResolveParameters
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 RESEARCH_USE_NOTICE = _(
@@ -37,27 +37,13 @@ RESEARCH_USE_NOTICE = _(
 
 
 def engineDirectory():
-    """Folder that contains the embedded ftddm_core package: beside this file once installed, the repository
-    root when the module is loaded from a source checkout."""
-    for candidate in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
-        if os.path.isfile(os.path.join(candidate, "ftddm_core", "__init__.py")):
-            return candidate
-    raise RuntimeError(_("The ftddm_core engine was not found next to the module ({path}); "
-                         "reinstall the MRSISuperResolution extension.").format(path=MODULE_DIR))
-
-
-def _makeEngineImportable():
-    """`import ftddm_core` works in Slicer's Python console without an install step (importing it is cheap:
-    torch is only imported by the parts that run models)."""
-    try:
-        folder = engineDirectory()
-    except RuntimeError:
-        return
-    if folder not in sys.path:
-        sys.path.append(folder)
-
-
-_makeEngineImportable()
+    """Folder that contains the embedded ftddm_core package (importing MRSISuperResolutionLib puts it on
+    sys.path, so `import ftddm_core` works in Slicer's Python console without an install step)."""
+    folder = engine_directory()
+    if folder is None:
+        raise RuntimeError(_("The ftddm_core engine was not found next to the module ({path}); "
+                             "reinstall the MRSISuperResolution extension.").format(path=MODULE_DIR))
+    return folder
 
 
 #
@@ -108,20 +94,34 @@ def registerSampleData():
 #
 # Parameter node
 #
-class ZeroOrWithinRange(Validator):
-    """0 (= automatic) or a value in [minimum, maximum]: what the engine accepts for `factor`."""
+def nodeAnnotation(parameter):
+    """The parameterNodeWrapper type of one options.NodeParameter: its type with Choice or WithinRange."""
+    if parameter.choices is not None:
+        return Annotated[parameter.type, Choice(list(parameter.choices))]
+    if parameter.bounds is not None:
+        return Annotated[parameter.type, WithinRange(*parameter.bounds)]
+    return parameter.type
 
-    def __init__(self, minimum, maximum):
-        self.minimum, self.maximum = minimum, maximum
 
-    def validate(self, value):
-        if value != 0 and not self.minimum <= value <= self.maximum:
-            raise ValueError(f"Value must be 0 (automatic) or in [{self.minimum}, {self.maximum}], got {value}")
+def withSuperResolveOptions(cls, optionsClass=SuperResolveOptions):
+    """Add one parameter per SuperResolveOptions field (node_parameters) to a parameter-node class, so
+    that a new engine option reaches the node, the saved scene and parametersFromNode with no edit here."""
+    annotations = dict(cls.__annotations__)
+    for parameter in node_parameters(optionsClass):
+        if parameter.automatic_name is not None:
+            annotations[parameter.automatic_name] = bool
+            setattr(cls, parameter.automatic_name, True)
+        annotations[parameter.name] = nodeAnnotation(parameter)
+        setattr(cls, parameter.name, parameter.default)
+    cls.__annotations__ = annotations
+    return cls
 
 
 @parameterNodeWrapper
+@withSuperResolveOptions
 class MRSISuperResolutionParameterNode:
-    """Everything the GUI sets; saved with the scene, so a reading or a run can be reproduced."""
+    """Everything the GUI sets; saved with the scene, so a reading or a run can be reproduced. The sampling
+    options (tauD, sampler, steps, autoScale + scale, …) are added from SuperResolveOptions."""
 
     mrsiVolume: vtkMRMLScalarVolumeNode
     allMetabolites: bool = False
@@ -130,19 +130,6 @@ class MRSISuperResolutionParameterNode:
     maskVolume: vtkMRMLScalarVolumeNode
     useDefaultModel: bool = True
     modelPath: pathlib.Path = pathlib.Path()
-    autoScale: bool = True
-    scale: Annotated[float, WithinRange(2.0, 8.0)] = 4.0
-    # in-plane output factor F (output matrix round(F·m) per axis); 0 = automatic (64 / m, the model grid)
-    factor: Annotated[float, ZeroOrWithinRange(2.0, 8.0)] = 0.0
-    tauD: Annotated[float, WithinRange(0.0, 2.0)] = 0.9
-    tauF: Annotated[float, WithinRange(0.0, 2.0)] = 0.7
-    sampler: Annotated[str, Choice(list(SAMPLERS))] = "dpmpp"
-    steps: Annotated[int, WithinRange(1, 1000)] = 10
-    samples: Annotated[int, WithinRange(1, 64)] = 8
-    dataConsistency: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    seed: Annotated[int, WithinRange(0, 1000000)] = 0
-    bf16: bool = False
     interpolate: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     # results of the last run (primary map) and the τ_d it used (−1: none yet)
@@ -294,21 +281,19 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.ui.autoScaleCheckBox.text = _("Detect the upscaling factor from the input ({matrix}² → 64², s = {s:.2f})"
                                            ).format(matrix=matrix, s=factor)
-        if p.autoScale:
-            shown = min(max(factor, 2.0), 8.0)
-            if abs(p.scale - shown) > 1e-9:
-                p.scale = shown
+        if p.autoScale and abs(p.scale - factor) > 1e-9:  # detection refuses factors outside the trained range
+            p.scale = factor
 
     def _updateRerunOffer(self, p):
         changed = p.lastRunTauD >= 0 and abs(p.tauD - p.lastRunTauD) > 1e-9 and self._run is None
-        params = SuperResolveParameters(sampler=p.sampler)
+        params = SuperResolveOptions(sampler=p.sampler)
         self.ui.rerunLabel.setVisible(changed)
         self.ui.rerunButton.setVisible(changed and params.tau_d_has_effect())
         if changed:
             self.ui.rerunLabel.text = (
                 _("τ_d changed from {old:.2f} to {new:.2f}. Re-run to see its effect.").format(
                     old=p.lastRunTauD, new=p.tauD) if params.tau_d_has_effect() else
-                _("τ_d only affects the ancestral and ddpm samplers; choose one of them to use it."))
+                _("τ_d only affects the ancestral, ddpm and dpmpp-sde samplers; choose one of them to use it."))
 
     # --- running ------------------------------------------------------------------------------------------
     def onApplyButton(self):
@@ -501,10 +486,8 @@ class MRSISuperResolutionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def parametersFromNode(p):
-        return SuperResolveParameters(
-            tau_d=p.tauD, tau_f=p.tauF, sampler=p.sampler, steps=p.steps, samples=p.samples,
-            data_consistency=p.dataConsistency, seed=p.seed, device=p.device,
-            scale=0.0 if p.autoScale else p.scale, factor=p.factor, bf16=p.bf16).validate()
+        """The SuperResolveOptions the node holds (every field; ValueError names a bad one)."""
+        return options_from_node(p)
 
     @staticmethod
     def modelPathFromNode(p):
@@ -516,8 +499,8 @@ class MRSISuperResolutionLogic(ScriptedLoadableModuleLogic):
                 **options):
         """Super-resolve one MRSI node (or a list on one grid) conditioned on T1 and FLAIR.
 
-        options override fields of SuperResolveParameters (tau_d, tau_f, sampler, steps, samples,
-        data_consistency, seed, device, scale, slice_axis, max_batch, bf16, force).
+        options override fields of SuperResolveOptions (tau_d, tau_f, sampler, steps, samples,
+        data_consistency, seed, device, scale, factor, slice_axis, max_batch, bf16, force).
         Blocking (default): returns OutputNodes(sr, zeroFilled, uncertainty), or a list of them for a list
         input; raises RuntimeError if the run fails. waitForCompletion=False: returns a RunHandle at once
         (cancel() stops it; onFinished(handle) is called on the main thread).
@@ -528,8 +511,8 @@ class MRSISuperResolutionLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select at least one MRSI volume."))
         if t1Node is None or flairNode is None:
             raise ValueError(_("FTDDM is conditioned on the patient's T1 and FLAIR: select both."))
-        base = dataclasses.asdict(parameters or SuperResolveParameters())
-        params = SuperResolveParameters.from_dict({**base, **options})  # ValueError names unknown options
+        base = dataclasses.asdict(parameters or SuperResolveOptions())
+        params = SuperResolveOptions.from_dict({**base, **options})  # ValueError names unknown options
         missing = self.missingDependencies()
         if missing:
             raise MissingDependenciesError(_("Missing Python packages: {items}. Install them with "

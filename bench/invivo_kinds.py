@@ -37,8 +37,8 @@ from ftddm_core.data import SliceDataset
 from ftddm_core.device import autocast, generator as make_generator, resolve_device
 from ftddm_core.evaluate import gradient_ratio
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256, load_model
+from ftddm_core.options import SuperResolveOptions
 from ftddm_core.phantom import patient_seed
-from ftddm_core.pipeline import SuperResolveOptions
 
 KINDS = ("rectangular", "noisy", "5mm", "mixed")  # the kinds; factor 2 is F = 2 on every kind
 FACTORS = (2.0, 3.0, 4.0)

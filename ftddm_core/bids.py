@@ -390,7 +390,7 @@ def run_participants(bids_dir, output_dir, *, participants: Sequence[str] = (), 
     with its reason while the others go on.
     """
     from .model import DEFAULT_MODEL, file_sha256, load_model
-    from .pipeline import SuperResolveOptions
+    from .options import SuperResolveOptions
 
     opts = options or SuperResolveOptions()
     output_dir = Path(output_dir)

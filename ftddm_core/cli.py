@@ -15,20 +15,24 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .options import SuperResolveOptions, cli_flag
 
 
 # --- helpers ---------------------------------------------------------------------------------------
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per dataclass field, typed from its default (flags are generated once, never listed twice)."""
+    """One --flag per dataclass field, typed from its default, with the help text of the field's metadata
+    (flags and their help are written once, in the dataclass)."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(cli_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{text} (default: {'on' if default else 'off'})".lstrip())
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+            parser.add_argument(cli_flag(f.name), type=type(default), default=default,
+                                help=f"{text} (default: {default})".lstrip())
 
 
 def _dataclass_from_args(cls, args, skip=()):
@@ -106,7 +110,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_super_resolve(args) -> int:
-    from .pipeline import SuperResolveOptions, run_super_resolve
+    from .pipeline import run_super_resolve
 
     opts = _dataclass_from_args(SuperResolveOptions, args)
     progress = ProgressPrinter("super-resolve", args.progress_lines)
@@ -132,7 +136,6 @@ def cmd_bids(args) -> int:
         run_group(args.bids_dir, args.output_dir, **query)
         return 0
     from .bids import run_participants
-    from .pipeline import SuperResolveOptions
 
     opts = _dataclass_from_args(SuperResolveOptions, args)
     bars = []
@@ -198,35 +201,66 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     def wanted(name: str) -> bool:
         return command is None or command == name
 
-    p = argparse.ArgumentParser(prog="ftddm", description="FTDDM super-resolution for MR spectroscopic imaging")
+    p = argparse.ArgumentParser(prog="ftddm", description="FTDDM super-resolution for MR spectroscopic imaging. "
+                                "`ftddm COMMAND --help` explains every flag of a command.")
     p.add_argument("--version", action="version", version=f"ftddm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp):
         sp.add_argument("--progress-lines", action="store_true",
-                        help="print 'PROGRESS done/total message' lines on stderr instead of a bar")
+                        help="print 'PROGRESS done/total message' lines on stderr instead of a progress bar "
+                             "(for programs that read the progress, such as the Slicer module)")
         return sp
 
-    sp = common(sub.add_parser("phantom", help="write a synthetic glioma dataset"))
-    sp.add_argument("--out", required=True, type=Path)
-    sp.add_argument("--patients", type=int, default=25)
-    sp.add_argument("--seed", type=int, default=0)
+    def overwrite(sp, what):
+        sp.add_argument("--overwrite", action="store_true", help=f"replace {what} (never done without it)")
+
+    def nan_policy(sp):
+        sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
+                        help="NaN/inf voxels in an input: raise = refuse the input (default); zero = set them "
+                             "to 0 with a warning (for maps whose fit failed in a few voxels)")
+
+    def model(sp, what="the FTDDM model"):
+        sp.add_argument("--model", type=Path, help=f"{what}: a .safetensors file from `ftddm train` "
+                                                   "(default: the shipped model, ftddm_core/weights)")
+
+    sp = common(sub.add_parser("phantom", help="write a synthetic glioma dataset (training or test data)"))
+    sp.add_argument("--out", required=True, type=Path, help="dataset folder to write (one sub-NNN folder per "
+                                                            "patient, docs/dataset_format.md)")
+    sp.add_argument("--patients", type=int, default=25,
+                    help="number of patients, ≥ 1; `ftddm train` needs at least 3 (train/validation/test; the "
+                         "shipped model's cohort had 50) (default: 25)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="cohort seed: the same seed gives the same patients; use disjoint seeds for held-out "
+                         "cohorts (default: 0)")
     sp.add_argument("--realism", choices=("legacy", "invivo"), default="legacy",
                     help="legacy: 64×64 maps in mM (paper); invivo: scanner-like maps (any matrix, noise, lipid, a.u.)")
     sp.add_argument("--kind", choices=("mixed", "rectangular", "noisy", "5mm", "factor2"), default="mixed",
-                    help="invivo only: held-out kinds (rectangular matrix, SNR 5–10, 5 mm voxels); mixed = all")
-    sp.add_argument("--overwrite", action="store_true")
+                    help="invivo only: mixed = everything drawn (the training default); held-out kinds "
+                         "rectangular (matrices differing by ≥ 6), noisy (SNR 5–10), 5mm (5 mm voxels), factor2 "
+                         "(as mixed, evaluated at F = 2)")
+    overwrite(sp, "an existing dataset folder")
     sp.set_defaults(func=cmd_phantom)
 
     sp = common(sub.add_parser("train", help="train an FTDDM model on a dataset folder"))
-    sp.add_argument("--data", required=True, type=Path)
-    sp.add_argument("--config", choices=PRESETS, default="compact")
-    sp.add_argument("--out", required=True, type=Path)
-    sp.add_argument("--fold", type=int, default=0)
-    sp.add_argument("--t-trunc", type=int, default=None, help="truncation index Ttrunc (default: config's)")
+    sp.add_argument("--data", required=True, type=Path, help="dataset folder (docs/dataset_format.md), "
+                                                             "at least 3 patients")
+    sp.add_argument("--config", choices=PRESETS, default="compact",
+                    help="network sizes: compact (default, trainable on CPU), paper (the published sizes, needs "
+                         "a GPU), regression (the SR encoder alone: the one-pass baseline), ddpm (a full-chain "
+                         "conditional DDPM for comparisons), tiny (tests only)")
+    sp.add_argument("--out", required=True, type=Path, help="run folder: model.safetensors, best/last "
+                                                            "checkpoints, log.csv, run.json, loss.png")
+    sp.add_argument("--fold", type=int, default=0,
+                    help="patient-level cross-validation fold 0 … 4 (5 folds; fewer with < 5 patients) whose "
+                         "test patients are held out; the split is drawn with --seed (default: 0)")
+    sp.add_argument("--t-trunc", type=int, default=None,
+                    help="truncation index Ttrunc, 1 … 999: where the flow hands over to the reverse chain "
+                         "(paper: 100); 999 trains a full-chain DDPM (default: the config's)")
     sp.add_argument("--init", type=Path, default=None,
                     help="fine-tune: start from this model's weights and config ('default' = the shipped model)")
-    sp.add_argument("--resume", action="store_true", help="continue OUT/last.safetensors")
+    sp.add_argument("--resume", action="store_true", help="continue OUT/last.safetensors bit for bit "
+                                                          "(after an interruption)")
     sp.add_argument("--force", action="store_true", help="overwrite an earlier run in OUT")
     if wanted("train"):
         from .train import TrainOptions
@@ -234,28 +268,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_dataclass_flags(sp, TrainOptions)
     sp.set_defaults(func=cmd_train)
 
-    sp = common(sub.add_parser("super-resolve", help="super-resolve low-resolution metabolite volumes"))
-    sp.add_argument("--lr", required=True, action="append", type=Path, help="LR map (repeat for each metabolite)")
-    sp.add_argument("--t1", type=Path)
-    sp.add_argument("--flair", type=Path)
-    sp.add_argument("--mask", type=Path, help="quality mask (default: automatic, see README)")
-    sp.add_argument("--out", required=True, type=Path)
-    sp.add_argument("--model", type=Path, help="model .safetensors (default: the shipped model)")
-    sp.add_argument("--ratio", action="append", default=[], help="ratio map, e.g. tCho/NAA (metabolite stems)")
-    sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
-                    help="NaN/inf voxels in an input: refuse (default) or set them to 0 with a warning")
-    if wanted("super-resolve"):
-        from .pipeline import SuperResolveOptions
-
-        _add_dataclass_flags(sp, SuperResolveOptions)
+    sp = common(sub.add_parser("super-resolve", help="super-resolve low-resolution metabolite maps"))
+    sp.add_argument("--lr", required=True, action="append", type=Path,
+                    help="low-resolution metabolite map (NIfTI or any SimpleITK format; 3D, or 4D with "
+                         "metabolites last); repeat for each metabolite, all on one grid")
+    sp.add_argument("--t1", type=Path, help="the patient's T1-weighted MRI, any grid (required)")
+    sp.add_argument("--flair", type=Path, help="the patient's FLAIR MRI, any grid (required)")
+    sp.add_argument("--mask", type=Path, help="quality mask, non-zero = usable spectra, any grid (default: "
+                                              "automatic from the T1 and the MRSI signal, see README)")
+    sp.add_argument("--out", required=True, type=Path, help="output folder: <stem>_sr, _zerofilled, "
+                                                            "_uncertainty .nii.gz and <stem>_run.json per map")
+    model(sp)
+    sp.add_argument("--ratio", action="append", default=[],
+                    help="also write a ratio of two super-resolved maps, e.g. tCho/NAA (file stems of two --lr "
+                         "inputs); repeat for more")
+    overwrite(sp, "existing outputs in --out")
+    nan_policy(sp)
+    _add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_super_resolve)
 
-    sp = common(sub.add_parser("bids", help="BIDS App: super-resolve a BIDS dataset's MRSI maps per participant "
-                                            "(docs/bids.md)"))
+    sp = common(sub.add_parser("bids", help="BIDS App: super-resolve a BIDS dataset (docs/bids.md)"))
     sp.add_argument("bids_dir", type=Path, help="the BIDS dataset (raw, with anat/ T1w and FLAIR)")
     sp.add_argument("output_dir", type=Path, help="the derivatives dataset to write (e.g. BIDS_DIR/derivatives/ftddm)")
-    sp.add_argument("analysis_level", choices=("participant", "group"))
+    sp.add_argument("analysis_level", choices=("participant", "group"),
+                    help="participant: super-resolve the selected sessions; group: one TSV and an overview "
+                         "over the participants already done")
     sp.add_argument("--participant-label", nargs="+", default=[], help="labels (01 or sub-01); default: all")
     sp.add_argument("--session-label", nargs="+", default=[], help="labels (V1 or ses-V1); default: all")
     sp.add_argument("--mrsi-derivatives", help="the MRSI derivatives dataset: a folder name in BIDS_DIR/derivatives "
@@ -265,14 +302,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--met", nargs="+", default=[], help="metabolites (met- labels, e.g. NAA tCho); default: all")
     sp.add_argument("--bids-filter-file", type=Path, help='JSON {"t1w"|"flair"|"mrsi"|"mask": {entity: value}} to '
                                                           "pick one image where several match")
-    sp.add_argument("--model", type=Path, help="model .safetensors (default: the shipped model)")
-    sp.add_argument("--overwrite", action="store_true", help="redo finished sessions")
-    sp.add_argument("--nan-policy", choices=("raise", "zero"), default="raise",
-                    help="NaN/inf voxels in an input: refuse (default) or set them to 0 with a warning")
-    if wanted("bids"):
-        from .pipeline import SuperResolveOptions
-
-        _add_dataclass_flags(sp, SuperResolveOptions)
+    model(sp)
+    overwrite(sp, "finished sessions (redo them)")
+    nan_policy(sp)
+    _add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_bids)
 
     sp = common(sub.add_parser("evaluate", help="compare methods on a fold's test patients: metrics, "
@@ -300,12 +333,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--max-batch", type=int, default=None, help="chains per network call (default: 64)")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = common(sub.add_parser("demo", help="synthetic patient → low resolution → super-resolved, with a figure"))
-    sp.add_argument("--out", type=Path, default=Path("ftddm_demo"))
-    sp.add_argument("--model", type=Path)
-    sp.add_argument("--seed", type=int, default=1234)
-    sp.add_argument("--samples", type=int, default=4)
-    sp.add_argument("--overwrite", action="store_true")
+    sp = common(sub.add_parser("demo", help="synthetic patient → LR → super-resolved, with a figure"))
+    sp.add_argument("--out", type=Path, default=Path("ftddm_demo"),
+                    help="folder for the inputs, outputs, demo_figure.png and demo_metrics.json (default: ftddm_demo)")
+    model(sp)
+    sp.add_argument("--seed", type=int, default=1234,
+                    help="seed of the synthetic patient: another seed, another patient (default: 1234)")
+    sp.add_argument("--samples", type=int, default=4,
+                    help="draws per map, 1 … 64 (as super-resolve --samples; 1 gives no uncertainty) (default: 4)")
+    overwrite(sp, "the files of an earlier demo in --out")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -73,7 +73,8 @@ def _remove_written(out: Path, before: dict, folders_before: set) -> tuple[int, 
 
 
 def _run_demo(out: Path, model_path, overwrite: bool, seed: int, samples: int, lr_size: int, progress) -> dict:
-    from .pipeline import SuperResolveOptions, run_super_resolve, uncertainty_note
+    from .options import SuperResolveOptions
+    from .pipeline import run_super_resolve, uncertainty_note
 
     t0 = time.perf_counter()
     patient = make_patient(seed, patient_id=f"demo-{seed}")

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from .options import DEVICES
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

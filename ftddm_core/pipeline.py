@@ -21,50 +21,10 @@ import torch
 from . import kspace, prep, volume as vol
 from .atomic import atomic_write_text, deferred_interrupts
 from .device import autocast, generator as make_generator, resolve_device
-from .sampling import SAMPLERS
-from .schedule import SPACINGS
+from .options import SuperResolveOptions
 from .uncertainty import describe as describe_calibration
 
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class SuperResolveOptions:
-    """Sampling and geometry options (CLI flags are generated from these fields)."""
-
-    factor: float = 0.0  # in-plane upscaling F: each in-plane axis m → round(F·m); 0 = auto (square m → 64, F = 64/m)
-    scale: float = 0.0  # conditioned upscaling factor s; 0 = the grid's (F, or √(n1/m1 · n2/m2) after rounding)
-    tau_d: float = 0.9  # diffusion noise temperature (ancestral/ddpm/dpmpp-sde): lower = smoother, higher PSNR
-    tau_f: float = 0.7  # flow temperature of x_Ttrunc: 1 = calibrated spread, lower = closer to the encoder (README)
-    sampler: str = "dpmpp"  # dpmpp (fast default) | dpmpp-sde (stochastic) | ancestral (paper Algorithm 1) | ddpm
-    steps: int = 10  # solver steps for dpmpp / dpmpp-sde / ddpm
-    spacing: str = "uniform"  # solver steps uniform in index | logsnr (uniform in λ = log α/σ)
-    samples: int = 8  # samples per map: mean = SR, standard deviation = uncertainty
-    data_consistency: float = 0.0  # λ in [0, 1]: blend the measured central k-space into every step
-    seed: int = 0
-    device: str = "auto"
-    slice_axis: int = -1  # −1 = the through-slab axis (volume.slice_axis's rule); else 0, 1 or 2
-    max_batch: int = 64  # images per network call (bounds memory)
-    bf16: bool = False  # bfloat16 autocast (≈2× faster on AVX-512 CPUs, ~1% difference)
-    force: bool = False  # run outside the trained factor range (F or 64/m outside 2 … 8)
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be ≥ 1, got {self.samples}")
-        if not 0.0 <= self.data_consistency <= 1.0:
-            raise ValueError(f"data_consistency must be in [0, 1], got {self.data_consistency}")
-        if self.tau_d < 0 or self.tau_f < 0:
-            raise ValueError("tau_d and tau_f must be ≥ 0")
-        if self.slice_axis not in (-1, 0, 1, 2):
-            raise ValueError(f"slice_axis must be -1 (auto), 0, 1 or 2, got {self.slice_axis}")
-        if not self.factor >= 0:
-            raise ValueError(f"factor must be ≥ 0 (0 = auto), got {self.factor}")
-        if self.scale and not self.scale > 0:
-            raise ValueError(f"scale must be > 0 (or 0 = auto), got {self.scale}")
 
 
 @dataclass

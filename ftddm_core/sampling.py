@@ -24,13 +24,12 @@ import torch
 
 from .config import COND_CHANNELS
 from .kspace import data_consistency as _kspace_data_consistency
+from .options import SAMPLERS
 from .padding import valid_size
 from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipped_start, respace, space_timesteps
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-# "regression": the SR encoder's one-pass preview (no chain)
-SAMPLERS = ("ancestral", "ddpm", "dpmpp", "dpmpp-sde", "regression")
 DPM_SOLVERS = ("dpmpp", "dpmpp-sde")
 STARTS = ("flow", "noise")
 

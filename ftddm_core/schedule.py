@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .options import SPACINGS
+
 
 def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """ᾱ_t of the cosine schedule, ᾱ(τ)=cos²((τ+s)/(1+s)·π/2), via β_t capped at max_beta (Nichol & Dhariwal eq. 17)."""
@@ -99,7 +101,6 @@ def _at(values: np.ndarray, t: torch.Tensor | int, like: torch.Tensor) -> torch.
     return out.reshape(out.shape + (1,) * (like.ndim - out.ndim))
 
 
-SPACINGS = ("uniform", "logsnr")
 
 
 def _check_steps(t_max: int, steps: int) -> None:

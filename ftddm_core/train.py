@@ -30,6 +30,7 @@ from .config import FTDDMConfig
 from .device import autocast, resolve_device
 from .losses import diffusion_loss, encoder_loss, flow_loss
 from .model import FTDDM, load_state
+from .options import option
 
 #: What a run trains: everything, or one network with the others' weights frozen (e.g. fine-tuning).
 STAGES = ("all", "encoder", "diffusion", "flow")
@@ -41,22 +42,32 @@ class TrainOptions:
     """Optimisation settings (paper: Adam 1e-4 with linear decay, batch 8, EMA). Every network uses Adam with the
     usual β = (0.9, 0.999), a linear warm-up and then linear decay to 0 over `iterations`."""
 
-    iterations: int = 20000
-    batch_size: int = 8
-    lr: float = 1e-4  # ε-UNet and encoder
-    flow_lr: float = 1e-4  # flow
-    warmup: int = 200  # iterations of linear learning-rate warm-up
-    ema_decay: float = 0.999  # paper 0.9999 over 100k iterations; shorter CPU runs need a shorter memory
-    guide_weight: float = 10.0  # λ
-    guide_alpha: float = 0.84  # α
-    grad_clip: float = 1.0
-    stage: str = "all"
-    val_every: int = 500
-    val_batches: int = 8
-    log_every: int = 50
-    seed: int = 0
-    bf16: bool = False
-    device: str = "auto"
+    iterations: int = option(
+        20000, "optimiser steps, one batch each, ≥ 1: the learning rate decays linearly to 0 at the last one "
+        "(the shipped model: 4000, 56 min on 2 CPU cores)")
+    batch_size: int = option(8, "64×64 training tiles per step, ≥ 1 (paper: 8); memory grows linearly with it")
+    lr: float = option(1e-4, "Adam learning rate of the ε-UNet and the SR encoder (paper: 1e-4; the shipped "
+                             "model: 2e-4); lower it when the loss curve jumps")
+    flow_lr: float = option(1e-4, "Adam learning rate of the flow")
+    warmup: int = option(200, "iterations of linear learning-rate warm-up from 0, before the linear decay")
+    ema_decay: float = option(
+        0.999, "decay of the weights' exponential moving average (what model.safetensors holds), in [0, 1): "
+        "paper 0.9999 over 100k iterations; shorter runs need a shorter memory (0.999 ≈ the last 1000 steps)")
+    guide_weight: float = option(10.0, "λ, weight of the flow's guide loss (its mode against √ᾱ·x0) next to its "
+                                       "NLL, ≥ 0; 0 = NLL only (paper: 10)")
+    guide_alpha: float = option(0.84, "α in [0, 1] of the guide loss (1−α)·L1 + α·(1 − MS-SSIM) (paper: 0.84)")
+    grad_clip: float = option(1.0, "largest gradient norm per network per step (> 0); larger steps are scaled down")
+    stage: str = option("all", "networks to train, the others frozen: all, encoder, diffusion (the ε-UNet) or "
+                               "flow (e.g. to retrain one network of an --init model)", choices=STAGES)
+    val_every: int = option(500, "iterations between validation losses and checkpoints (best.safetensors keeps "
+                                 "the best validation loss, last.safetensors the state for --resume)")
+    val_batches: int = option(8, "batches per validation loss: more = a steadier value, slower")
+    log_every: int = option(50, "iterations per log.csv row (means over the interval)")
+    seed: int = option(0, "seed of the patient split (with --fold), the initial weights and the augmentation: "
+                          "the same seed and data give the same run")
+    bf16: bool = option(False, "bfloat16 autocast: faster on AVX-512 CPUs and bf16 GPUs (the shipped model was "
+                               "trained in float32)")
+    device: str = option("auto", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
 
     def __post_init__(self):
         if self.stage not in STAGES:

@@ -24,7 +24,7 @@ from ftddm_core.atomic import atomic_write_text
 from ftddm_core.device import generator as make_generator
 from ftddm_core.evaluate import load_test_maps, _training_metadata
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256
-from ftddm_core.pipeline import SuperResolveOptions
+from ftddm_core.options import SuperResolveOptions
 from ftddm_core.uncertainty import UncertaintyCalibration, fit_std_scale
 
 

@@ -1,5 +1,6 @@
 """Voxel grids without Slicer: array order, IJK → RAS affines, slice axis and upscaling factor.
 
+The slice-axis rule and the LR matrix check are the engine's own (ftddm_core.lr_grid, torch-free).
 Conventions (shared with ftddm_core.volume):
 * Slicer arrays (``slicer.util.arrayFromVolume``) are indexed [k, j, i]; NIfTI/ftddm arrays are (i, j, k).
 * An affine is the 4×4 voxel (i, j, k, 1) → RAS (mm) matrix, i.e. Slicer's IJKToRAS matrix and the NIfTI sform.
@@ -8,13 +9,12 @@ Conventions (shared with ftddm_core.volume):
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from ftddm_core import lr_grid
+from ftddm_core.options import TRAINED_SCALES
+
 MODEL_SIZE = 64  # in-plane matrix of the engine's model grid
-FOV_RTOL = 1e-3  # equal fields of view (same tolerance as ftddm_core.volume)
-THICK_RATIO, SHORT_RATIO, SI_MARGIN = 1.2, 0.8, 0.1  # slice-axis rule thresholds (as ftddm_core.volume)
 
 
 def kji_to_ijk(array: np.ndarray) -> np.ndarray:
@@ -75,55 +75,18 @@ def voxel_to_ras(affine, ijk) -> np.ndarray:
     return ijk @ a[:3, :3].T + a[:3, 3]
 
 
-def _inplane(axis: int) -> tuple[int, int]:
-    if axis not in (0, 1, 2):
-        raise ValueError(f"slice axis must be 0, 1 or 2, got {axis!r}")
-    return tuple(a for a in range(3) if a != axis)
-
-
 def detect_slice_axis(shape, affine) -> int:
-    """The through-slab voxel axis of an MRSI grid: ftddm_core.volume.slice_axis's rule (see its docstring),
-    steps in order: square in-plane matrix, equal in-plane FOVs, clearly thickest spacing, clearly fewest
-    voxels, clearly most superior–inferior, then fewest voxels / most superior–inferior / lowest index."""
-    shape = tuple(int(n) for n in shape[:3])
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"expected a 3D shape, got {shape}")
-    size = spacing(affine)
-    fov = np.asarray(shape) * size
-    superior = np.abs(direction(affine)[2])
-
-    def pair(values, a):
-        return [values[b] for b in _inplane(a)]
-
-    steps = (
-        lambda a, c: pair(shape, a)[0] == pair(shape, a)[1],
-        lambda a, c: math.isclose(*pair(fov, a), rel_tol=FOV_RTOL),
-        lambda a, c: all(size[a] >= THICK_RATIO * size[b] for b in c if b != a),
-        lambda a, c: all(shape[a] <= SHORT_RATIO * shape[b] for b in c if b != a),
-        lambda a, c: all(superior[a] >= superior[b] + SI_MARGIN for b in c if b != a),
-        lambda a, c: shape[a] == min(shape[b] for b in c),
-    )
-    candidates = [0, 1, 2]
-    for test in steps:
-        passing = [a for a in candidates if test(a, candidates)]
-        if len(passing) == 1:
-            return passing[0]
-        if passing:
-            candidates = passing
-    return candidates[int(np.argmax(superior[candidates]))]
+    """The through-slab voxel axis of an MRSI grid: the engine's rule (ftddm_core.lr_grid.slice_axis_rule)."""
+    return lr_grid.slice_axis_rule(shape, spacing(affine), direction(affine)[2])
 
 
-def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE, slice_axis: int = -1) -> tuple[int, int, float]:
-    """(slice axis, LR in-plane matrix m, factor s = model_size / m) the engine will use for this grid.
-
-    A non-square in-plane matrix with equal fields of view is zero-padded in k-space to the larger size first.
-    """
-    axis = detect_slice_axis(shape, affine) if slice_axis < 0 else int(slice_axis)
-    m = max(int(shape[a]) for a in _inplane(axis))
-    if m > model_size:
-        raise ValueError(f"in-plane matrix {m} is larger than the {model_size}×{model_size} model grid; "
-                         "expected a low-resolution MRSI map")
-    return axis, m, model_size / m
+def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE,
+                            slice_axis: int = -1) -> tuple[int, int, float]:
+    """(slice axis, LR in-plane matrix m, factor s = model_size / m) the engine will use for this grid without
+    a factor F: a square m×m in-plane matrix in the trained range; ValueError (the engine's) otherwise."""
+    axis = detect_slice_axis(shape, affine) if slice_axis < 0 else lr_grid.check_axis(slice_axis)
+    inplane = [int(shape[a]) for a in lr_grid.inplane_axes(axis)]
+    return axis, inplane[0], lr_grid.default_factor(inplane, model_size, TRAINED_SCALES)
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, rtol: float = 1e-4) -> bool:

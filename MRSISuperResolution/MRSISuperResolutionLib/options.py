@@ -1,122 +1,67 @@
-"""Super-resolution parameters of the module and the `ftddm super-resolve` command line built from them.
+"""The module's super-resolution options and the `ftddm super-resolve` command line built from them.
 
-The fields mirror ftddm_core.pipeline.SuperResolveOptions (a test checks the two stay in step) so that the
-GUI, console scripting and the CLI share one set of names; validation happens here, before any process starts.
+The options are ftddm_core.options.SuperResolveOptions, the engine's one definition (torch-free, shipped in the
+extension): GUI, console scripting and the CLI share its names and its validation. The parameter node gets
+one parameter per field from :func:`node_parameters`, so adding a field to the dataclass adds it to the node.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-SAMPLERS = ("dpmpp", "ancestral", "ddpm", "dpmpp-sde")  # DPM-Solver++ (default), Algorithm 1, respaced, SDE
-SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index or in λ = log(α/σ)
-DEVICES = ("auto", "cpu", "cuda", "mps")
-SCALE_RANGE = (2.0, 8.0)  # upscaling factors the shipped models are trained for (64 / LR matrix 8 … 32)
-FACTOR_RANGE = (2.0, 8.0)  # in-plane output factors F the engine accepts (0 = automatic)
-# `--factor` is new in the engine: left out while automatic, so the module also drives an engine without it
-OMITTED_WHEN_AUTOMATIC = ("factor",)
-MAX_STEPS = 1000
-MAX_SAMPLES = 64
+from ftddm_core.options import SuperResolveOptions
 
 
-@dataclass
-class SuperResolveParameters:
-    """Sampling options of one run (names = `ftddm super-resolve` flags with '-' → '_')."""
+@dataclass(frozen=True)
+class NodeParameter:
+    """The parameter-node parameter(s) of one SuperResolveOptions field.
 
-    tau_d: float = 0.9  # diffusion noise temperature τ_d (ancestral and ddpm samplers)
-    tau_f: float = 0.7  # flow temperature τ_f of the truncated start point (chosen on validation data)
-    sampler: str = "dpmpp"
-    steps: int = 10  # solver steps (dpmpp, dpmpp-sde, ddpm)
-    spacing: str = "uniform"
-    samples: int = 8  # draws per map: mean = SR, standard deviation = uncertainty
-    data_consistency: float = 0.0  # λ ∈ [0, 1], blend of the measured central k-space
-    seed: int = 0
-    device: str = "auto"
-    scale: float = 0.0  # conditioned upscaling factor; 0 = detected from the LR matrix
-    factor: float = 0.0  # in-plane output factor F: matrix round(F·m) per axis; 0 = automatic (the model grid)
-    slice_axis: int = -1  # −1 = automatic (through-slab axis)
-    max_batch: int = 64
-    bf16: bool = False
-    force: bool = False  # run outside the trained scale range
+    A field with an "automatic" value (factor 0, scale 0, slice_axis −1) becomes two parameters: a bool
+    `auto<Name>` (True = automatic) and the value itself, limited to the range a spin box can show.
+    """
 
-    def validate(self) -> "SuperResolveParameters":
-        """Return self, or raise ValueError naming the offending parameter and its expected range."""
-        def number(name, lo, hi, integer=False):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (integer and not float(value).is_integer()) or not math.isfinite(value):
-                kind = "an integer" if integer else "a number"
-                raise ValueError(f"{name} must be {kind} in [{lo}, {hi}], got {value!r}")
-            if not lo <= value <= hi:
-                raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    field: str  # SuperResolveOptions field, e.g. tau_d
+    name: str  # node parameter, e.g. tauD
+    type: type  # bool, int, float or str
+    default: object
+    choices: tuple | None = None  # → Choice
+    bounds: tuple | None = None  # → WithinRange (the trained range where the field has one)
+    automatic_name: str | None = None  # e.g. autoScale
+    automatic: object = None  # the field's "automatic" value
 
-        number("tau_d", 0.0, 2.0)
-        number("tau_f", 0.0, 2.0)
-        number("steps", 1, MAX_STEPS, integer=True)
-        number("samples", 1, MAX_SAMPLES, integer=True)
-        number("data_consistency", 0.0, 1.0)
-        number("seed", 0, 2**31 - 1, integer=True)
-        number("max_batch", 1, 4096, integer=True)
-        number("slice_axis", -1, 2, integer=True)
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        device = str(self.device)
-        if device.split(":")[0] not in DEVICES or (":" in device and not device.startswith("cuda:")):
-            raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}")
-        number("factor", 0.0, 64.0)
-        if self.factor and not self.force and not SCALE_RANGE[0] <= self.factor <= SCALE_RANGE[1]:
-            raise ValueError(f"factor must be 0 (automatic) or in {list(SCALE_RANGE)}, got {self.factor!r}; "
-                             "enable 'force' to run outside the trained range")
-        number("scale", 0.0, 64.0)
-        if self.scale and not self.force and not SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]:
-            raise ValueError(f"scale must be 0 (automatic) or in {list(SCALE_RANGE)}, got {self.scale!r}; "
-                             "enable 'force' to condition outside the trained range")
-        number("factor", 0.0, FACTOR_RANGE[1])
-        if self.factor and not FACTOR_RANGE[0] <= self.factor <= FACTOR_RANGE[1]:
-            raise ValueError(f"factor must be 0 (automatic) or in {list(FACTOR_RANGE)}, got {self.factor!r}")
-        return self
 
-    def notes(self) -> list[str]:
-        """Hints for the user about settings that have no effect or cost a lot (never errors)."""
-        out = []
-        if self.samples == 1:
-            out.append("One sample gives no uncertainty estimate (the uncertainty map will be zero).")
-        if self.sampler == "ancestral":
-            out.append("The ancestral sampler runs every truncated diffusion step: expect it to be slow on CPU.")
-        return out
+def camel_case(name: str) -> str:
+    """tau_d → tauD, data_consistency → dataConsistency (the module's parameter-node names)."""
+    first, *rest = name.split("_")
+    return first + "".join(word[:1].upper() + word[1:] for word in rest)
 
-    def tau_d_has_effect(self) -> bool:
-        """τ_d scales the injected noise of the stochastic samplers only (DPM-Solver++ here is deterministic)."""
-        return self.sampler != "dpmpp"
 
-    def cli_arguments(self) -> list[str]:
-        """Flags for `ftddm super-resolve` (every field, so a run never depends on CLI defaults)."""
-        self.validate()
-        args = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in OMITTED_WHEN_AUTOMATIC and not value:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            else:
-                args += [flag, repr(float(value)) if isinstance(value, float) else str(value)]
-        return args
+def node_parameters(options_class=SuperResolveOptions) -> list[NodeParameter]:
+    """One NodeParameter per field of the options dataclass, from its type, default and metadata."""
+    out = []
+    for f in dataclasses.fields(options_class):
+        meta, kind = f.metadata, type(f.default)
+        name = camel_case(f.name)
+        bounds = meta.get("trained") or meta.get("bounds")
+        automatic = meta.get("automatic")
+        if automatic is None:
+            out.append(NodeParameter(f.name, name, kind, f.default, meta.get("choices"), bounds))
+        else:  # the value shown while automatic: the sentinel clipped into the spin box's range
+            shown = kind(min(max(automatic, bounds[0]), bounds[1]))
+            out.append(NodeParameter(f.name, name, kind, shown, None, bounds, "auto" + name[0].upper() + name[1:],
+                                     automatic))
+    return out
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "SuperResolveParameters":
-        """Build from a dict, refusing unknown names (typos would otherwise be silently ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown super-resolution parameter(s) {unknown}; expected some of {sorted(names)}")
-        return cls(**values).validate()
+
+def options_from_node(node, options_class=SuperResolveOptions):
+    """The options a parameter node holds (validated: ValueError names the option)."""
+    values = {}
+    for p in node_parameters(options_class):
+        automatic = p.automatic_name is not None and getattr(node, p.automatic_name)
+        values[p.field] = p.automatic if automatic else getattr(node, p.name)
+    return options_class(**values)
 
 
 def engine_bootstrap(engine_dir: str | Path) -> str:
@@ -130,7 +75,7 @@ def engine_bootstrap(engine_dir: str | Path) -> str:
 
 
 def super_resolve_command(python: Sequence[str], engine_dir, lr_paths: Sequence, t1, flair, out_dir, *,
-                          mask=None, model=None, parameters: SuperResolveParameters | None = None) -> list[str]:
+                          mask=None, model=None, parameters: SuperResolveOptions | None = None) -> list[str]:
     """argv running `ftddm super-resolve` with progress lines, for one or more LR maps (one file each)."""
     if not python or not all(isinstance(p, str) and p for p in python):
         raise ValueError(f"python must be a non-empty list of strings (the interpreter command), got {python!r}")
@@ -138,7 +83,7 @@ def super_resolve_command(python: Sequence[str], engine_dir, lr_paths: Sequence,
         raise ValueError("expected at least one LR metabolite map")
     if t1 is None or flair is None:
         raise ValueError("FTDDM is conditioned on the patient's T1 and FLAIR: both are required")
-    params = (parameters or SuperResolveParameters()).validate()
+    params = (parameters or SuperResolveOptions()).validate()
     cmd = [*python, "-c", engine_bootstrap(engine_dir), "super-resolve"]
     for p in lr_paths:
         cmd += ["--lr", str(p)]

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import niftiio
-from .options import SuperResolveParameters, super_resolve_command
+from .options import SuperResolveOptions, super_resolve_command
 from .process import BackgroundProcess, Progress, parse_error_line, parse_progress_line
 
 OUTPUT_KINDS = ("sr", "zerofilled", "uncertainty")  # file suffixes written by the CLI
@@ -45,7 +45,7 @@ class SuperResolveJob:
 
     # --- inputs ------------------------------------------------------------------------------------------
     def prepare(self, lr_maps: Sequence[tuple[np.ndarray, np.ndarray]], t1, flair, mask=None, *, model=None,
-                parameters: SuperResolveParameters | None = None) -> list[str]:
+                parameters: SuperResolveOptions | None = None) -> list[str]:
         """Write the inputs ((array (i, j, k), affine) pairs) as NIfTI and build the command; returns it."""
         if self.state != PREPARED or self.command:
             raise RuntimeError("a job is prepared once")

@@ -82,10 +82,10 @@ def super_resolve(nodes: dict, model: Path, steps: int, samples: int, folder: Pa
     """The logic's path: inputs from the nodes, the background CLI, outputs stored beside each input."""
     import slicer
     from MRSISuperResolutionLib import mrml, runner
-    from MRSISuperResolutionLib.options import SuperResolveParameters
+    from MRSISuperResolutionLib.options import SuperResolveOptions
 
     maps = [nodes["NAA"], nodes["tCho"]]
-    params = SuperResolveParameters(steps=steps, samples=samples, device="cpu", seed=0)
+    params = SuperResolveOptions(steps=steps, samples=samples, device="cpu", seed=0)
     job = runner.SuperResolveJob([sys.executable], REPO, temp_parent=str(folder))
     try:
         job.prepare([mrml.volume_arrays(n) for n in maps], mrml.volume_arrays(nodes["T1"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from MRSISuperResolutionLib import dependencies, runner
-from MRSISuperResolutionLib.options import SuperResolveParameters
+from MRSISuperResolutionLib.options import SuperResolveOptions
 
 pytest.importorskip("torch")
 requirements_lib = pytest.importorskip("packaging.requirements")
@@ -117,8 +117,29 @@ def test_the_modules_super_resolve_command_runs_with_only_slicers_packages(block
     _names, env = blocked_env
     job = runner.SuperResolveJob([sys.executable], REPO, env=env, temp_parent=str(tmp_path))
     job.prepare([sample_patient["NAA"]], sample_patient["T1"], sample_patient["FLAIR"], model=str(tiny_model),
-                parameters=SuperResolveParameters(device="cpu", steps=1, samples=2))
+                parameters=SuperResolveOptions(device="cpu", steps=1, samples=2))
     with job:
         state = job.wait(timeout=120)
         assert state == runner.COMPLETED, job.error_message
         assert job.outputs()[0]["sr"][0].shape == (64, 64, 6)
+
+
+def test_the_modules_options_and_geometry_need_no_engine_package(tmp_path):
+    """The GUI's options and geometry come from the bundled engine's torch-free modules: they import with torch
+    and every requirements.txt package blocked (a fresh Slicer before the first install), from any folder."""
+    blocked = ["torch", *(module for _dist, module, _line in dependencies.load_requirements(REQUIREMENTS))]
+    env = write_blocker(tmp_path / "blocker", blocked)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "MRSISuperResolution")!r})
+        from MRSISuperResolutionLib import geometry, options
+        import ftddm_core
+        assert ftddm_core.__file__.startswith({str(REPO)!r}), ftddm_core.__file__  # the bundled engine
+        print(geometry.detect_upscaling_factor((16, 16, 8), [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+        args = options.SuperResolveOptions(steps=5).cli_arguments()
+        print(args[args.index("--steps") + 1])
+        print(sorted(m for m in sys.modules if m.split(".")[0] in {sorted(blocked)!r}))
+        """)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["(2, 16, 4.0)", "5", "[]"]

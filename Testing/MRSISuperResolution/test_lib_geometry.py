@@ -66,19 +66,24 @@ def test_slice_axis_and_factor_agree_with_the_engine(shape):
         engine = vol.Volume(np.ones(shape, np.float32), affine)
         axis = geometry.detect_slice_axis(shape, affine)
         assert axis == vol.slice_axis(engine)
-        inplane = [a for a in range(3) if a != axis]
-        fovs = [shape[a] * spacing[a] for a in inplane]
-        if max(shape[a] for a in inplane) <= 64 and np.isclose(fovs[0], fovs[1], rtol=1e-3):
-            square = vol.squarify_inplane(engine, axis)
-            grid = vol.target_grid(square, axis, 64, force=True)
-            assert geometry.detect_upscaling_factor(shape, affine)[1:] == (grid.lr_matrix, grid.factor)
+        # the default grid (no --factor): the same factor, or the same refusal, as the engine's
+        try:
+            grid = vol.target_grid(engine, axis, 64)
+        except ValueError as refused:
+            with pytest.raises(ValueError) as ours:
+                geometry.detect_upscaling_factor(shape, affine)
+            assert str(ours.value) == str(refused).removeprefix("<array>: ")
+        else:
+            assert geometry.detect_upscaling_factor(shape, affine) == (axis, grid.lr_matrix, grid.factor)
 
 
 def test_factor_rejects_high_resolution_inputs_and_honours_override():
     assert geometry.detect_upscaling_factor((16, 16, 8), np.eye(4)) == (2, 16, 4.0)
-    assert geometry.detect_upscaling_factor((16, 16, 8), np.eye(4), slice_axis=0) == (0, 16, 4.0)
-    with pytest.raises(ValueError, match="larger than"):
+    assert geometry.detect_upscaling_factor((16, 16, 16), np.eye(4), slice_axis=0) == (0, 16, 4.0)
+    with pytest.raises(ValueError, match="cannot be zero-filled onto the default 64×64"):
         geometry.detect_upscaling_factor((128, 128, 4), np.eye(4))
+    with pytest.raises(ValueError, match="not square.*--factor"):
+        geometry.detect_upscaling_factor((16, 12, 4), np.diag([3.0, 4.0, 5.0, 1.0]))
     with pytest.raises(ValueError, match="slice axis"):
         geometry.detect_upscaling_factor((16, 16, 8), np.eye(4), slice_axis=3)
 

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from MRSISuperResolutionLib.options import SuperResolveParameters, engine_bootstrap, super_resolve_command
+from ftddm_core.options import SAMPLERS
+from MRSISuperResolutionLib.options import SuperResolveOptions, engine_bootstrap, super_resolve_command
 
 
 def parse_with_engine(argv):
@@ -11,17 +12,14 @@ def parse_with_engine(argv):
     return cli.build_parser().parse_args(argv)
 
 
-def test_fields_mirror_the_engine_options():
-    pipeline = pytest.importorskip("ftddm_core.pipeline")
-    ours = {f.name: f.default for f in dataclasses.fields(SuperResolveParameters)}
-    engine = {f.name: f.default for f in dataclasses.fields(pipeline.SuperResolveOptions)}
-    # `factor` is added to the engine in a parallel change; until that is merged it is the one allowed gap
-    pending = {"factor"} - set(engine)
-    assert {k: v for k, v in ours.items() if k not in pending} == engine  # GUI, console and CLI agree
+def test_the_module_uses_the_engines_one_options_class():
+    from ftddm_core import options, pipeline
+
+    assert SuperResolveOptions is options.SuperResolveOptions is pipeline.SuperResolveOptions
 
 
 def test_every_value_reaches_the_engine_parser():
-    params = SuperResolveParameters(tau_d=0.35, tau_f=1.2, sampler="ancestral", steps=7, samples=3,
+    params = SuperResolveOptions(tau_d=0.35, tau_f=1.2, sampler="ancestral", steps=7, samples=3,
                                     data_consistency=0.25, seed=42, device="cpu", scale=5.3, slice_axis=1,
                                     max_batch=16, bf16=True, force=False)
     cmd = super_resolve_command(["python"], "/engine", ["a.nii", "b.nii"], "t1.nii", "fl.nii", "/out",
@@ -29,25 +27,20 @@ def test_every_value_reaches_the_engine_parser():
     argv = cmd[cmd.index("super-resolve"):]
     args = parse_with_engine(argv)
     for f in dataclasses.fields(params):
-        if hasattr(args, f.name) or "--" + f.name.replace("_", "-") in argv:  # factor: once the engine has it
-            assert getattr(args, f.name) == getattr(params, f.name), f.name
+        assert getattr(args, f.name) == getattr(params, f.name), f.name
     assert [str(p) for p in args.lr] == ["a.nii", "b.nii"]
     assert (str(args.t1), str(args.flair), str(args.mask), str(args.model)) == ("t1.nii", "fl.nii", "m.nii",
                                                                                 "w.safetensors")
     assert args.progress_lines and args.overwrite
 
 
-def test_factor_is_passed_when_set_and_left_to_the_engine_when_automatic():
-    assert "--factor" not in SuperResolveParameters().cli_arguments()  # 0 = automatic, the engine's default
-    args = SuperResolveParameters(factor=2.5).cli_arguments()
-    assert args[args.index("--factor") + 1] == "2.5"
-    for ok in (0.0, 2.0, 8.0):
-        SuperResolveParameters(factor=ok).validate()
-    pipeline = pytest.importorskip("ftddm_core.pipeline")
-    if "factor" in {f.name for f in dataclasses.fields(pipeline.SuperResolveOptions)}:
+def test_factor_reaches_the_engine_parser_set_or_automatic():
+    for factor in (0.0, 2.5):
         cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o",
-                                    parameters=SuperResolveParameters(factor=3.0))
-        assert parse_with_engine(cmd[cmd.index("super-resolve"):]).factor == 3.0
+                                    parameters=SuperResolveOptions(factor=factor))
+        assert parse_with_engine(cmd[cmd.index("super-resolve"):]).factor == factor
+    for ok in (0.0, 2.0, 8.0):
+        SuperResolveOptions(factor=ok).validate()
 
 
 def test_default_model_and_no_mask_leave_flags_out():
@@ -79,22 +72,25 @@ def test_bootstrap_imports_the_engine_from_the_given_folder(tmp_path):
     ({"factor": 8.5}, "factor"), ({"factor": -2.0}, "factor")])
 def test_validation_names_the_bad_parameter(change, message):
     with pytest.raises(ValueError, match=message):
-        SuperResolveParameters(**change).validate()
+        SuperResolveOptions(**change)
+    params = SuperResolveOptions()
+    for name, value in change.items():
+        setattr(params, name, value)  # changed after construction: validate() and the command line refuse it
+    with pytest.raises(ValueError, match=message):
+        params.cli_arguments()
 
 
 def test_force_allows_scales_outside_the_trained_range_and_from_dict_refuses_typos():
-    assert SuperResolveParameters(scale=12.0, force=True).validate().scale == 12.0
-    assert SuperResolveParameters(device="cuda:1").validate().device == "cuda:1"
+    assert SuperResolveOptions(scale=12.0, force=True).validate().scale == 12.0
+    assert SuperResolveOptions(device="cuda:1").validate().device == "cuda:1"
     with pytest.raises(ValueError, match="unknown"):
-        SuperResolveParameters.from_dict({"tauD": 0.5})
-    assert SuperResolveParameters.from_dict({"tau_d": 0.5}).tau_d == 0.5
+        SuperResolveOptions.from_dict({"tauD": 0.5})
+    assert SuperResolveOptions.from_dict({"tau_d": 0.5}).tau_d == 0.5
 
 
-def test_notes_and_tau_d_effect():
-    assert not SuperResolveParameters(sampler="dpmpp").tau_d_has_effect()
-    assert SuperResolveParameters(sampler="ddpm").tau_d_has_effect()
-    assert any("uncertainty" in n for n in SuperResolveParameters(samples=1).notes())
-    assert SuperResolveParameters().notes() == []
+def test_tau_d_has_an_effect_on_the_noisy_samplers_only():
+    assert [s for s in SAMPLERS if SuperResolveOptions(sampler=s).tau_d_has_effect()] == ["ancestral", "ddpm",
+                                                                                          "dpmpp-sde"]
 
 
 def test_command_requires_inputs():

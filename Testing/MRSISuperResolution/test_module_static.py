@@ -1,5 +1,6 @@
 """Static checks of the Slicer module that need no Slicer: CMake lists, Slicer API names, .ui wiring, imports."""
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -85,10 +86,27 @@ def ui_widgets():
     return root, {w.get("name"): w for w in root.iter("widget")}
 
 
+DUMP_PARAMETERS = """
+import json, typing
+import MRSISuperResolution as m
+def render(hint):
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        return "Annotated[%s, %s]" % (render(base), ", ".join("%s%r" % marker for marker in extras))
+    local = hint.__module__ in ("builtins", "__main__")  # __main__: the stand-in vtkMRMLScalarVolumeNode
+    return hint.__qualname__ if local else hint.__module__ + "." + hint.__qualname__
+hints = typing.get_type_hints(m.MRSISuperResolutionParameterNode, include_extras=True)
+print(json.dumps({name: render(hint) for name, hint in hints.items()}))
+"""
+
+
 def parameter_fields():
-    tree = ast.parse(MODULE_FILE.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MRSISuperResolutionParameterNode")
-    return {s.target.id: ast.unparse(s.annotation) for s in cls.body if isinstance(s, ast.AnnAssign)}
+    """Parameter name → annotation as text, e.g. "Annotated[int, WithinRange(1, 1000)]", of the module's
+    parameter node (hand-written and generated from SuperResolveOptions), imported with stand-in Slicer modules."""
+    done = subprocess.run([sys.executable, "-c", STUB_MODULES + DUMP_PARAMETERS, str(MODULE)], capture_output=True,
+                          text=True, cwd=str(MODULE.parent.parent))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 COMPATIBLE = {  # widget class → test on the annotation (see slicer.parameterNodeWrapper.guiConnectors)
@@ -149,7 +167,7 @@ def test_sources_parse_with_the_python_39_grammar():
     assert not any("|" in a for a in parameter_fields().values())
 
 
-STUBS = textwrap.dedent("""
+STUB_MODULES = textwrap.dedent("""
     import sys, types
     def module(name, **attrs):
         m = types.ModuleType(name); m.__dict__.update(attrs); sys.modules[name] = m; return m
@@ -160,9 +178,10 @@ STUBS = textwrap.dedent("""
     slicer = module("slicer", vtkMRMLScalarVolumeNode=type("vtkMRMLScalarVolumeNode", (), {}),
                     app=types.SimpleNamespace(connect=lambda *a: connected.append(a)))
     slicer.i18n = module("slicer.i18n", tr=lambda s: s, translate=lambda c, s: s)
-    marker = lambda *a, **k: ("annotation", a)
-    slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", Choice=marker, Decimals=marker,
-        SingleStep=marker, WithinRange=marker, Validator=object, parameterNodeWrapper=lambda cls: cls)
+    marker = lambda name: lambda *a, **k: (name, a)  # Choice(["a"]) → ("Choice", (["a"],))
+    slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", Choice=marker("Choice"),
+        Decimals=marker("Decimals"), SingleStep=marker("SingleStep"), WithinRange=marker("WithinRange"),
+        Validator=object, parameterNodeWrapper=lambda cls: cls)
     slicer.ScriptedLoadableModule = module("slicer.ScriptedLoadableModule", **{n: base(n) for n in (
         "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
         "ScriptedLoadableModuleWidget")})
@@ -170,6 +189,8 @@ STUBS = textwrap.dedent("""
     for name in ("qt", "vtk", "ctk"):
         module(name)
     sys.path.insert(0, sys.argv[1])
+""")
+STUBS = STUB_MODULES + textwrap.dedent("""
     before = set(sys.modules)
     import MRSISuperResolution as m
     heavy = sorted(n for n in set(sys.modules) - before if n.split(".")[0] in ("torch", "pip", "PyTorchUtils", "nibabel"))

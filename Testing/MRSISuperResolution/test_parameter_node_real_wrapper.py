@@ -4,6 +4,8 @@ slicer-core ships MRML and slicer.util but not those pure-Python packages; the p
 in ../shared/reference/slicer_python/v5.10.0, which are added to the `slicer` package here. Only Qt and CTK
 (widget classes the wrapper names but the parameter node never uses) and the application object are stubbed.
 """
+import contextlib
+import dataclasses
 import importlib
 import logging
 import pathlib
@@ -23,7 +25,8 @@ if REAL_SLICER is None or not (REAL_SLICER / "parameterNodeWrapper" / "wrapper.p
     pytest.skip("Slicer's real Python sources are absent (../shared/reference/slicer_python/v5.10.0 beside the "
                 "repository); these tests need them", allow_module_level=True)
 
-from MRSISuperResolutionLib.options import SAMPLERS, SuperResolveParameters  # noqa: E402
+from ftddm_core.options import SAMPLERS, option  # noqa: E402
+from MRSISuperResolutionLib.options import SuperResolveOptions, node_parameters, options_from_node  # noqa: E402
 
 REAL_MODULES = ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
 # module helpers that import qt/slicer at load time: imported afresh here, and dropped again afterwards, so
@@ -121,6 +124,22 @@ def node(real, scene):
     return real.module.MRSISuperResolutionLogic().getParameterNode()
 
 
+@contextlib.contextmanager
+def saved_and_loaded(real, scene, folder):
+    """The module's parameter node of `scene` after a real save (Commit) and load (Import) of the scene file."""
+    path = folder / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Import()
+    slicer.mrmlScene = loaded
+    try:
+        yield real.module.MRSISuperResolutionLogic().getParameterNode()
+    finally:
+        loaded.Clear(1)
+
+
 def test_the_real_slicer_sources_are_used_and_log_no_warning(real):
     for name, source in real.sources.items():
         assert pathlib.Path(source.__file__).resolve().is_relative_to(REAL_SLICER.resolve()), name
@@ -135,18 +154,67 @@ def test_the_real_slicer_sources_are_used_and_log_no_warning(real):
     real.warnings.messages.clear()
 
 
-def test_defaults_match_the_engine_parameters_and_are_written_to_the_node(node):
-    engine = SuperResolveParameters()
-    pairs = {"tauD": engine.tau_d, "tauF": engine.tau_f, "sampler": engine.sampler, "steps": engine.steps,
-             "samples": engine.samples, "dataConsistency": engine.data_consistency, "seed": engine.seed,
-             "device": engine.device, "bf16": engine.bf16, "factor": engine.factor}
-    for name, expected in pairs.items():
-        assert getattr(node, name) == expected, name
-        assert node.parameterNode.HasParameter(name), name  # the wrapper stored it in the MRML node
-    assert node.mrsiVolume is None and node.srVolume is None and node.useDefaultModel and node.autoScale
+def test_defaults_match_the_engine_options_and_are_written_to_the_node(real, node):
+    assert real.module.MRSISuperResolutionLogic.parametersFromNode(node) == SuperResolveOptions()
+    for parameter in node_parameters():
+        for name in filter(None, (parameter.name, parameter.automatic_name)):
+            assert node.parameterNode.HasParameter(name), name  # the wrapper stored it in the MRML node
+    assert node.autoScale and node.autoFactor and node.autoSliceAxis  # automatic by default, as the engine
+    assert node.mrsiVolume is None and node.srVolume is None and node.useDefaultModel
     assert node.studyFolder == pathlib.Path()  # "unset": the widget replaces it by a real folder on entry
     assert node.lastRunTauD == -1.0
     assert node.parameterNode.GetAttribute("ModuleName") == "MRSISuperResolution"
+
+
+def test_every_option_field_is_a_node_parameter(real):
+    """The node's parameters are generated from the dataclass: each field has one (plus auto<Name> for a field
+    with an automatic value), so a field added to SuperResolveOptions appears in the node."""
+    parameters = node_parameters()
+    assert [p.field for p in parameters] == [f.name for f in dataclasses.fields(SuperResolveOptions)]
+    generated = {n for p in parameters for n in (p.name, p.automatic_name) if n}
+    assert generated <= set(real.module.MRSISuperResolutionParameterNode.allParameters)
+    assert {p.field for p in parameters if p.automatic_name} == {"factor", "scale", "slice_axis"}
+    assert {"tauD", "dataConsistency", "sliceAxis", "maxBatch", "autoScale"} <= generated
+
+
+def test_a_field_added_to_the_dataclass_reaches_a_node_with_no_other_edit(real, scene):
+    extended = dataclasses.make_dataclass(
+        "Extended", [("guidance_gain", float, option(0.5, "a made-up option", bounds=(0.0, 1.0)))],
+        bases=(SuperResolveOptions,))
+    probe = type("Probe", (), {"__annotations__": {"mrsiVolume": slicer.vtkMRMLScalarVolumeNode}})
+    wrapped = real.wrapper.parameterNodeWrapper(real.module.withSuperResolveOptions(probe, extended))
+    node = wrapped(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+    assert node.guidanceGain == 0.5 and node.parameterNode.HasParameter("guidanceGain")
+    with pytest.raises(ValueError):
+        node.guidanceGain = 1.5  # WithinRange from the field's bounds
+    node.guidanceGain, node.tauD = 0.25, 1.5
+    assert options_from_node(node, extended) == extended(guidance_gain=0.25, tau_d=1.5)
+    assert real.warnings.messages == []
+
+
+def _non_default(f):
+    """A valid value ≠ the default for every field, from its metadata alone (a new field is covered too)."""
+    meta = f.metadata
+    if isinstance(f.default, bool):
+        return not f.default
+    if meta["choices"] is not None:
+        return next(c for c in reversed(meta["choices"]) if c != f.default)
+    return type(f.default)((meta["trained"] or meta["bounds"])[1])
+
+
+def test_every_option_round_trips_through_the_node_a_saved_scene_and_parametersFromNode(real, scene, node, tmp_path):
+    expected = SuperResolveOptions(**{f.name: _non_default(f) for f in dataclasses.fields(SuperResolveOptions)})
+    assert all(getattr(expected, f.name) != f.default for f in dataclasses.fields(SuperResolveOptions))
+    for parameter in node_parameters():
+        if parameter.automatic_name:
+            setattr(node, parameter.automatic_name, False)
+        setattr(node, parameter.name, getattr(expected, parameter.field))
+    with saved_and_loaded(real, scene, tmp_path) as again:
+        assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
+        assert real.module.MRSISuperResolutionLogic.parametersFromNode(again) == expected
+        again.autoScale = again.autoFactor = again.autoSliceAxis = True  # back to automatic: the engine's 0 / −1
+        back = real.module.MRSISuperResolutionLogic.parametersFromNode(again)
+        assert (back.scale, back.factor, back.slice_axis) == (0.0, 0.0, -1)
 
 
 def _accepts_node(node, name, value):
@@ -159,7 +227,7 @@ def _accepts_node(node, name, value):
 
 def _accepts_engine(field, value):
     try:
-        SuperResolveParameters(**{field: value}).validate()
+        SuperResolveOptions(**{field: value})
         return True
     except ValueError:
         return False
@@ -171,18 +239,21 @@ def _accepts_engine(field, value):
     ("steps", "steps", [0, 1, 1000, 1001]),
     ("samples", "samples", [0, 1, 64, 65]),
     ("dataConsistency", "data_consistency", [-0.01, 0.0, 1.0, 1.01]),
-    ("seed", "seed", [-1, 0, 1000000, 1000001]),
-    ("factor", "factor", [-1.0, 0.0, 1.5, 1.99, 2.0, 5.5, 8.0, 8.01]),
+    ("seed", "seed", [-1, 0, 2**31 - 1, 2**31]),
+    ("maxBatch", "max_batch", [0, 1, 4096, 4097]),
+    # 0 / −1 (automatic) are autoFactor, autoScale and autoSliceAxis in the node
+    ("factor", "factor", [-1.0, 1.5, 1.99, 2.0, 5.5, 8.0, 8.01]),
+    ("scale", "scale", [0.5, 1.99, 2.0, 8.0, 8.01]),
+    ("sliceAxis", "slice_axis", [-2, 0, 2, 3]),
     ("sampler", "sampler", [*SAMPLERS, "euler", ""]),
+    ("spacing", "spacing", ["uniform", "logsnr", "linear"]),
     ("device", "device", ["auto", "cpu", "cuda", "mps", "tpu"]),
 ])
 def test_the_node_refuses_what_the_engine_would_refuse(node, name, field, values):
-    """Validators of the real wrapper: a value the node accepts is one the run accepts (no late failure)."""
+    """Validators of the real wrapper: the node accepts exactly what the run accepts (no late failure)."""
     verdicts = {v: (_accepts_node(node, name, v), _accepts_engine(field, v)) for v in values}
-    assert all(engine for node_ok, engine in verdicts.values() if node_ok), verdicts
     assert any(not node_ok for node_ok, _engine in verdicts.values()), f"{name}: nothing refused"
-    if name != "seed":  # the GUI offers seeds up to 10⁶; the engine takes any 31-bit seed
-        assert all(node_ok == engine for node_ok, engine in verdicts.values()), verdicts
+    assert all(node_ok == engine for node_ok, engine in verdicts.values()), verdicts
 
 
 def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, node, tmp_path):
@@ -195,16 +266,7 @@ def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, n
     node.studyFolder = tmp_path / "study"
     node.readerName = "Dr Ä"
     node.modelPath = tmp_path / "model.safetensors"
-    path = tmp_path / "scene.mrml"
-    scene.SetURL(str(path))
-    assert scene.Commit()
-
-    loaded = slicer.vtkMRMLScene()
-    loaded.SetURL(str(path))
-    assert loaded.Import()
-    slicer.mrmlScene = loaded
-    try:
-        again = real.module.MRSISuperResolutionLogic().getParameterNode()
+    with saved_and_loaded(real, scene, tmp_path) as again:
         assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
         assert (again.tauD, again.sampler, again.steps, again.factor, again.bf16) == (0.35, "ddpm", 25, 3.5, True)
         assert again.studyFolder == tmp_path / "study" and again.modelPath == tmp_path / "model.safetensors"
@@ -212,9 +274,7 @@ def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, n
         assert [again.mrsiVolume.GetName(), again.t1Volume.GetName(), again.flairVolume.GetName()] == \
             ["Vol_mrsi", "Vol_t1", "Vol_flair"]
         assert again.maskVolume is None
-        assert again.tauF == SuperResolveParameters().tau_f  # untouched values keep their defaults
-    finally:
-        loaded.Clear(1)
+        assert again.tauF == SuperResolveOptions().tau_f  # untouched values keep their defaults
     assert real.warnings.messages == []
 
 

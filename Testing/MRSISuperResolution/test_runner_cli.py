@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from MRSISuperResolutionLib import geometry, runner
-from MRSISuperResolutionLib.options import SuperResolveParameters
+from MRSISuperResolutionLib.options import SuperResolveOptions
 from MRSISuperResolutionLib.process import _descendants, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 def make_job(tmp_path, patient, model, **params):
     job = runner.SuperResolveJob([sys.executable], REPO, temp_parent=str(tmp_path))
     job.prepare([patient["NAA"], patient["tCho"]], patient["T1"], patient["FLAIR"], model=str(model),
-                parameters=SuperResolveParameters(device="cpu", **params))
+                parameters=SuperResolveOptions(device="cpu", **params))
     return job
 
 
@@ -58,7 +58,7 @@ def test_user_errors_surface_as_one_line(tmp_path, sample_patient, tiny_model):
     bad_t1 = (np.zeros_like(sample_patient["T1"][0]), sample_patient["T1"][1])
     job = runner.SuperResolveJob([sys.executable], REPO, temp_parent=str(tmp_path))
     job.prepare([sample_patient["NAA"]], bad_t1, sample_patient["FLAIR"], model=str(tiny_model),
-                parameters=SuperResolveParameters(device="cpu", steps=1, samples=1))
+                parameters=SuperResolveOptions(device="cpu", steps=1, samples=1))
     with job:
         assert job.wait(timeout=120) == runner.FAILED
         assert job.returncode == 2

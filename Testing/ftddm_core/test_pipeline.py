@@ -10,7 +10,8 @@ from ftddm_core import kspace, volume as V
 from ftddm_core.cli import main
 from ftddm_core.config import preset
 from ftddm_core.demo import simulate_lr
-from ftddm_core.pipeline import SuperResolveOptions, super_resolve
+from ftddm_core.options import SuperResolveOptions
+from ftddm_core.pipeline import super_resolve
 from ftddm_core.sampling import SampleResult
 
 

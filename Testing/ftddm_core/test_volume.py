@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ftddm_core import kspace
+from ftddm_core import kspace, lr_grid
 from ftddm_core import volume as V
 
 
@@ -433,7 +433,7 @@ def test_factor_contract_of_the_target_grid():
 
 
 def test_lr_matrix_range_and_force():
-    assert V.lr_matrix_range(64, (2.0, 8.0)) == (8, 32)
+    assert lr_grid.lr_matrix_range(64, (2.0, 8.0)) == (8, 32)
     for m in (6, 40):
         lr = V.Volume(np.ones((m, m, 2)), np.eye(4))
         with pytest.raises(ValueError, match="trained range 8 … 32"):
