@@ -108,13 +108,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per EvaluateOptions field, with its help and default (list fields take comma-separated text)."""
     for f in dataclasses.fields(EvaluateOptions):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        text = meta["help"].replace("%", "%%")  # argparse formats help with %
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=text + (" (default: on)" if f.default else " (default: off)"))
             continue
         default = meta["text"] if meta["parse"] else f.default
-        shown = "" if "default:" in meta["help"] else f" (default: {default})"  # some say what None means
+        shown = "" if "default:" in text else f" (default: {default})"  # some say what None means
         parser.add_argument(flag, type=str if meta["parse"] else _FLAG_TYPES[f.type], default=default,
-                            help=meta["help"] + shown)
+                            help=text + shown)
 
 
 def from_args(args: argparse.Namespace) -> EvaluateOptions:

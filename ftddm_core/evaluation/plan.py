@@ -16,8 +16,8 @@ from .maps import dataset_fingerprint, load_test_maps, map_metrics, test_split
 from .methods import MODEL_ROLES, RunSpec, method_specs, resolve_spec
 from .options import EvaluateOptions
 from .report import ReportContext, write_report
-from .runs import Job, cache_key, cache_path, execute, load_models, lpips_scorer, read_cache, write_cache
-from .studies import build_studies
+from .runs import Job, LoadedModel, cache_key, cache_path, execute, load_models, lpips_scorer, read_cache, write_cache
+from .studies import Study, build_studies
 from .tables import json_default
 
 Progress = Callable[[int, int, str], None]
@@ -34,42 +34,23 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
         raise ValueError(f"--out {out_dir} exists and is not a folder; expected a report folder")
     started = time.perf_counter()
     device = resolve_device(opts.device)
-    models = load_models(model_path, ddpm_model, regression_model, device)
+    models = _load_checked_models(model_path, ddpm_model, regression_model, device, opts.scales)
     main = models["main"]
-    image_size = int(main.model.config.unet.image_size)
-    for lm in models.values():
-        try:
-            lm.model.check_scale(torch.tensor(opts.scales))
-        except ValueError as exc:
-            raise ValueError(f"{MODEL_ROLES[lm.role]} {lm.path.name}: {exc}") from exc
-
     recorded = main.training.get("data", {}) if isinstance(main.training, dict) else {}
     split_seed = opts.split_seed if opts.split_seed is not None else int(recorded.get("split_seed", 0) or 0)
     all_ids, test_ids = test_split(data_dir, opts.fold, split_seed)
-    data = load_test_maps(data_dir, test_ids, opts.scales, opts.max_slices, image_size)
+    data = load_test_maps(data_dir, test_ids, opts.scales, opts.max_slices, int(main.model.config.unet.image_size))
     context = {"data": dataset_fingerprint(data_dir, test_ids), "fold": opts.fold, "split_seed": split_seed,
                "test": test_ids}
 
-    # --- plan: resolve every method and study point, dedupe by cache key --------------------------
     methods = method_specs(opts.tau_d)
-    resolved: dict[str, RunSpec] = {}
-    skipped: dict[str, str] = {}
-    for name in opts.methods:
-        spec, why = resolve_spec(methods[name], models)
-        if why:
-            skipped[name] = why
-        else:
-            resolved[name] = spec
+    resolved, skipped = _resolve_methods(opts.methods, methods, models)
     studies = build_studies(opts, models, methods)
-    study_resolved: dict[str, tuple[RunSpec, str | None]] = {}
-    study_scales: dict[str, tuple[float, ...]] = {}
-    for study in studies.values():
-        for spec in study.specs():
-            study_resolved[spec.name], study_scales[spec.name] = resolve_spec(spec, models), study.scales(spec)
+    study_resolved, study_scales = _resolve_studies(studies, models)
     jobs: dict[str, Job] = {}
     job_of: dict[tuple[str, float], str] = {}  # (spec name, scale) → key
 
-    def plan(spec: RunSpec, scale: float) -> None:
+    def plan(spec: RunSpec, scale: float) -> None:  # identical runs (same cache key) are planned once
         key = cache_key(spec, data[scale], models, opts, context, device)
         jobs.setdefault(key, Job(spec, scale, key))
         job_of[(spec.name, scale)] = key
@@ -82,8 +63,55 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
             for s in study_scales[name]:
                 plan(spec, s)
 
-    # --- run (or load) -------------------------------------------------------------------------------
-    cache_dir = out_dir / "cache"
+    results = _run_jobs(jobs, data, models, opts, device, out_dir / "cache", progress)
+    lpips_fn, lpips_note = lpips_scorer(device)
+    ctx = ReportContext(opts=opts, data_dir=data_dir, out_dir=out_dir, models=models, data=data, test_ids=test_ids,
+                        all_ids=all_ids, split_seed=split_seed, device=device, methods=resolved, skipped=skipped,
+                        studies=studies, study_resolved=study_resolved, jobs=jobs, job_of=job_of, results=results,
+                        job_metrics=_metrics_of_jobs(jobs, results, data, lpips_fn), lpips_note=lpips_note,
+                        has_lpips=lpips_fn is not None)
+    summary = write_report(ctx)
+    summary["seconds"] = time.perf_counter() - started  # this invocation only (short when cached)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=json_default) + "\n")
+    return summary
+
+
+def _load_checked_models(model_path, ddpm_path, regression_path, device, scales) -> dict[str, LoadedModel]:
+    """The models (load_models), each checked to be trained for the requested upscaling factors."""
+    models = load_models(model_path, ddpm_path, regression_path, device)
+    for lm in models.values():
+        try:
+            lm.model.check_scale(torch.tensor(scales))
+        except ValueError as exc:
+            raise ValueError(f"{MODEL_ROLES[lm.role]} {lm.path.name}: {exc}") from exc
+    return models
+
+
+def _resolve_methods(names, methods: dict[str, RunSpec], models) -> tuple[dict[str, RunSpec], dict[str, str]]:
+    """(runnable resolved specs, why each other method is skipped), in the requested order."""
+    resolved: dict[str, RunSpec] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        spec, why = resolve_spec(methods[name], models)
+        if why:
+            skipped[name] = why
+        else:
+            resolved[name] = spec
+    return resolved, skipped
+
+
+def _resolve_studies(studies: dict[str, Study], models):
+    """Per study spec name: (resolved spec, why not runnable or None) and the factors it runs at."""
+    resolved: dict[str, tuple[RunSpec, str | None]] = {}
+    scales: dict[str, tuple[float, ...]] = {}
+    for study in studies.values():
+        for spec in study.specs():
+            resolved[spec.name], scales[spec.name] = resolve_spec(spec, models), study.scales(spec)
+    return resolved, scales
+
+
+def _run_jobs(jobs: dict[str, Job], data, models, opts, device, cache_dir: Path, progress) -> dict[str, dict]:
+    """Each job's outputs by cache key: loaded from the cache, else computed and cached."""
     results: dict[str, dict] = {}
     total = len(jobs)
     for done, job in enumerate(jobs.values()):
@@ -100,32 +128,26 @@ def run_evaluation(data_dir, model_path, out_dir, options: EvaluateOptions | Non
         results[job.key] = cached
     if progress:
         progress(total, total, "metrics and report")
+    return results
 
-    # --- analyse and report --------------------------------------------------------------------------
-    lpips_fn, lpips_note = lpips_scorer(device)
-    per_job_metrics: dict[str, list[dict]] = {}
+
+def _metrics_of_jobs(jobs, results, data, lpips_fn) -> Callable[[str], list[dict]]:
+    """key → per-map metric rows of that job's outputs (computed on first use, then kept)."""
+    computed: dict[str, list[dict]] = {}
 
     def job_metrics(key: str) -> list[dict]:
-        if key not in per_job_metrics:
-            job, res = jobs[key], results[key]
-            d = data[job.scale]
+        if key not in computed:
+            d, mean = data[jobs[key].scale], results[key]["mean"]
             rows = []
-            for i, mid in enumerate(d.ids):
-                row = map_metrics(d, i, res["mean"][i])
+            for i in range(len(d.ids)):
+                row = map_metrics(d, i, mean[i])
                 if lpips_fn is not None:
-                    row["lpips"] = lpips_fn(d.gt[i], res["mean"][i])
+                    row["lpips"] = lpips_fn(d.gt[i], mean[i])
                 rows.append(row)
-            per_job_metrics[key] = rows
-        return per_job_metrics[key]
+            computed[key] = rows
+        return computed[key]
 
-    ctx = ReportContext(opts=opts, data_dir=data_dir, out_dir=out_dir, models=models, data=data, test_ids=test_ids,
-                        all_ids=all_ids, split_seed=split_seed, device=device, methods=resolved, skipped=skipped,
-                        studies=studies, study_resolved=study_resolved, jobs=jobs, job_of=job_of, results=results,
-                        job_metrics=job_metrics, lpips_note=lpips_note, has_lpips=lpips_fn is not None)
-    summary = write_report(ctx)
-    summary["seconds"] = time.perf_counter() - started  # this invocation only (short when cached)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=json_default) + "\n")
-    return summary
+    return job_metrics
 
 
 def _step_reporter(progress: Progress | None, done: int, total: int, label: str):

@@ -34,9 +34,10 @@ class Study:
 
     def __init__(self, opts: EvaluateOptions, models: dict[str, LoadedModel], methods: dict[str, RunSpec]):
         self.opts = opts
+        self.points: list[RunSpec] = []  # the study's run points, set by each study
 
     def specs(self) -> list[RunSpec]:
-        raise NotImplementedError
+        return list(self.points)
 
     def scales(self, spec: RunSpec) -> tuple[float, ...]:
         """The factors a spec of this study runs at (every evaluated one unless the study says otherwise)."""
@@ -84,9 +85,6 @@ class TauDStudy(Study):
         self.points = [RunSpec(f"tau_d_{v:g}", f"FTDDM ancestral, τ_d = {v:g}", "chain", "main", "ancestral", "flow",
                                t_start=t_trunc, tau_d=v) for v in TAU_D_VALUES]
 
-    def specs(self):
-        return list(self.points)
-
     def rows(self, ctx):
         rows, notes = [], []
         for spec in self.points:
@@ -125,20 +123,20 @@ class ScaleMismatchStudy(Study):
     def __init__(self, opts, models, methods):
         super().__init__(opts, models, methods)
         ref = methods[REFERENCE]
-        self.points = {(s, c): replace(ref, name=f"{REFERENCE}_s{s:g}_cond{c:g}", cond_scale=None if c == s else c,
-                                       label=ref.label if c == s else f"{ref.label}, conditioned s' = {c:g}")
-                       for s in opts.scales for c in opts.scales}
-        self._actual = {spec.name: s for (s, _), spec in self.points.items()}
+        self.pairs = {(s, c): replace(ref, name=f"{REFERENCE}_s{s:g}_cond{c:g}", cond_scale=None if c == s else c,
+                                      label=ref.label if c == s else f"{ref.label}, conditioned s' = {c:g}")
+                      for s in opts.scales for c in opts.scales}
+        self._actual = {spec.name: s for (s, _), spec in self.pairs.items()}
 
     def specs(self):
-        return list(self.points.values())
+        return list(self.pairs.values())
 
     def scales(self, spec):
         return (self._actual[spec.name],)  # a point is one actual factor s
 
     def rows(self, ctx):
         rows, notes = [], []
-        for (s, c), spec in self.points.items():
+        for (s, c), spec in self.pairs.items():
             _, why = ctx.study_resolved[spec.name]
             if why:
                 notes.append(f"s' = {c:g} at s = {s:g} skipped: {why}")
@@ -172,9 +170,6 @@ class TTruncStudy(Study):
         self.points = [methods["flow_only"] if t == 0 else
                        RunSpec(f"t_trunc_{t}", f"FTDDM Ttrunc = {t} (ancestral)", "chain", "main", "ancestral",
                                "flow", t_start=t, tau_d=opts.tau_d) for t in T_TRUNC_VALUES]
-
-    def specs(self):
-        return list(self.points)
 
     def rows(self, ctx):
         rows, notes = [], []
@@ -213,9 +208,7 @@ class CalibrationStudy(Study):
     def __init__(self, opts, models, methods):
         super().__init__(opts, models, methods)
         self.spec = methods[REFERENCE]
-
-    def specs(self):
-        return [self.spec]
+        self.points = [self.spec]
 
     def rows(self, ctx):
         _, why = ctx.study_resolved[self.spec.name]
