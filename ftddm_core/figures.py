@@ -1,6 +1,6 @@
 """Figures of `ftddm evaluate` (matplotlib, Agg backend): quality vs NFE, studies (paper Figs. 5–7), panels.
 
-Each function takes plain rows (dicts) as built by ftddm_core.evaluation and writes one PNG atomically.
+Each function takes plain rows (dicts) as built by ftddm_core.evaluate and writes one PNG atomically.
 """
 from __future__ import annotations
 
