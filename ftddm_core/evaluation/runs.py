@@ -27,6 +27,8 @@ CACHE_VERSION = 1
 
 @dataclass
 class LoadedModel:
+    """A model file loaded for one role (main, ddpm, regression), with its sha256 and training record."""
+
     role: str
     path: Path
     sha256: str
