@@ -35,7 +35,7 @@ from ftddm_core import invivo, metrics
 from ftddm_core.atomic import atomic_write_text
 from ftddm_core.data import SliceDataset
 from ftddm_core.device import autocast, generator as make_generator, resolve_device
-from ftddm_core.evaluate import gradient_ratio
+from ftddm_core.evaluation.stats import gradient_ratio
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256, load_model
 from ftddm_core.options import SuperResolveOptions
 from ftddm_core.phantom import patient_seed

@@ -169,15 +169,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import METHOD_NAMES, STUDIES, EvaluateOptions, parse_names, parse_scales, run_evaluation
+    from .evaluation import run_evaluation
+    from .evaluation.options import from_args
 
-    # every field comes from its flag (a field without one fails here, in the CLI tests, not silently)
-    parsed = {"scales": parse_scales(args.scales), "methods": parse_names(args.methods, METHOD_NAMES, "method(s)"),
-              "studies": parse_names(args.studies, STUDIES, "stud(y/ies)")}
-    # a flag left unset (None) takes the dataclass default: the defaults live in one place, EvaluateOptions
-    given = {f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name)
-             for f in dataclasses.fields(EvaluateOptions)}
-    opts = EvaluateOptions(**{k: v for k, v in given.items() if v is not None or k in ("max_slices", "split_seed")})
+    opts = from_args(args)  # every EvaluateOptions field has its generated flag
     progress = ProgressPrinter("evaluate", args.progress_lines)
     summary = run_evaluation(args.data, args.model, args.out, opts, ddpm_model=args.ddpm_model,
                              regression_model=args.regression_model, progress=progress)
@@ -310,27 +305,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = common(sub.add_parser("evaluate", help="compare methods on a fold's test patients: metrics, "
                                                 "statistics, studies, report"))
-    sp.add_argument("--data", required=True, type=Path, help="dataset folder (docs/dataset_format.md)")
-    sp.add_argument("--model", type=Path, help="FTDDM model .safetensors (default: the shipped model)")
-    sp.add_argument("--out", required=True, type=Path, help="report folder (re-runs reuse its cache/)")
-    sp.add_argument("--fold", type=int, default=0)
-    sp.add_argument("--scales", default="8,4,2", help="upscaling factors s = 64 / LR matrix (default: 8,4,2)")
-    sp.add_argument("--ddpm-model", type=Path, help="full-chain model (`ftddm train --t-trunc 999`) for the "
-                                                    "methods that start from noise; skipped without it")
-    sp.add_argument("--regression-model", type=Path, help="UNet regression baseline (`ftddm train --config "
-                                                          "regression`); skipped without it")
-    sp.add_argument("--methods", default="all", help="all, none or a comma-separated list (see docs/evaluation.md)")
-    sp.add_argument("--studies", default="all", help="all, none or some of tau_d,scale_mismatch,t_trunc,calibration")
-    sp.add_argument("--max-slices", type=int, default=None, help="at most N maps per scale (CPU budgets)")
-    sp.add_argument("--samples", type=int, default=None, help="samples per map for stochastic methods (default: 4)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--split-seed", type=int, default=None,
-                    help="patient split seed (default: the one recorded in the model, else 0)")
-    sp.add_argument("--tau-d", type=float, default=None, help="(default: EvaluateOptions.tau_d, 0.9)")
-    sp.add_argument("--tau-f", type=float, default=None, help="(default: EvaluateOptions.tau_f, as super-resolve)")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    sp.add_argument("--max-batch", type=int, default=None, help="chains per network call (default: 64)")
+    sp.add_argument("--data", required=True, type=Path,
+                    help="dataset folder (docs/dataset_format.md), normally the one the model was trained on: its "
+                         "fold's test patients are evaluated")
+    sp.add_argument("--model", type=Path, help="the FTDDM model .safetensors to evaluate (default: the shipped model)")
+    sp.add_argument("--out", required=True, type=Path,
+                    help="report folder; a re-run into it reuses the runs in its cache/ (delete it to recompute)")
+    sp.add_argument("--ddpm-model", type=Path,
+                    help="a full-chain model (trained with `ftddm train --t-trunc 999`) for the methods that start "
+                         "from pure noise (DDPM, DPM-Solver++ from noise) and the headline; they are skipped "
+                         "without it")
+    sp.add_argument("--regression-model", type=Path,
+                    help="a UNet regression baseline (`ftddm train --config regression`); default: the FTDDM "
+                         "model's own SR encoder, the one-pass regression of the same training")
+    if wanted("evaluate"):
+        from .evaluation.options import add_flags
+
+        add_flags(sp)
     sp.set_defaults(func=cmd_evaluate)
 
     sp = common(sub.add_parser("demo", help="synthetic patient → LR → super-resolved, with a figure"))

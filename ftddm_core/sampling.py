@@ -31,7 +31,8 @@ from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipp
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 DPM_SOLVERS = ("dpmpp", "dpmpp-sde")
-STARTS = ("flow", "noise")
+# "renoised": the flow's x̂0 re-noised to an index below Ttrunc (see sample_ftddm)
+STARTS = ("flow", "noise", "renoised")
 
 
 # --- the one model interface ---------------------------------------------------------------------------
@@ -411,6 +412,10 @@ def _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_sam
         t_trunc = noise_start_index(model.schedule, sampler)  # the untruncated baseline, from pure noise
     elif t_trunc is None:
         t_trunc = model.config.diffusion.t_trunc
+    flow_index = int(model.config.diffusion.t_trunc)
+    if start == "renoised" and (not _is_int(t_trunc) or not 1 <= t_trunc <= flow_index):
+        raise ValueError(f"a re-noised start needs an integer index in [1, {flow_index}] (the flow's), "
+                         f"got {t_trunc!r}")
     if not _is_int(t_trunc) or not 1 <= t_trunc <= T - 1:
         raise ValueError(f"t_trunc must be an integer in [1, {T - 1}], got {t_trunc!r}")
     if sampler != "ancestral" and (not _is_int(steps) or not 1 <= steps <= t_trunc):
@@ -486,7 +491,10 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
     and runs the ε-UNet conditioned on [y, x̂0_enc]. cond is (B, 4, H, W) = [LR, M, T1, FLAIR]; ``valid``
     (B, 1, H, W) marks the unpadded image when cond was padded (see FTDDM.pad). start="noise" runs the
     untruncated baseline from N(0, I)·M (t_trunc is then ignored) at index T−1, or for "dpmpp" and
-    "dpmpp-sde" at the largest index with λ ≥ −5.1 (see :func:`noise_start_index`). ``spacing`` places the
+    "dpmpp-sde" at the largest index with λ ≥ −5.1 (see :func:`noise_start_index`). start="renoised" starts
+    below the flow's index, t_trunc ≤ Ttrunc: x_t = q_sample(x̂0_flow, t, ε⊙M) with x̂0_flow the flow's mode
+    / √ᾱ_Ttrunc, clamped and masked (an approximation: the paper trains one flow per Ttrunc; the mode, not a
+    τ_f draw, because a draw already carries index Ttrunc's noise). ``spacing`` places the
     `steps` + 1 solver indices "uniform" in index or "logsnr" (uniform in λ). Repeated samples are reduced to
     a per-pixel mean and sample std (n − 1) with Welford running moments; at most ``max_batch`` chains
     (default B) share one network call. Each chain (sample k, image b) draws all its noise from its own
@@ -510,12 +518,13 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
     samples = torch.zeros((B, n_samples, 1, H, W), dtype=cond.dtype, device=device) if keep_samples else None
     # once per image, for all its chains
     x0_enc, features, total_calls = _encode_all(model, cond, scale, valid, chunk_size, opts)
+    x0_flow = _flow_mode_all(model, cond, x0_enc, features, valid, chunk_size) if start == "renoised" else None
     for c, chunk in enumerate(chunks):
         ks = torch.tensor([k for k, _ in chunk])
         rows = torch.tensor([b for _, b in chunk])
         generators = [torch.Generator(device).manual_seed(int(seeds[k, b])) for k, b in chunk]
         context = _Context(cond[rows], scale[rows], mask[rows], x0_enc[rows], [f[rows] for f in features],
-                           None if valid is None else valid[rows])
+                           None if valid is None else valid[rows], None if x0_flow is None else x0_flow[rows])
         x0, calls = _run_chunk(model, opts, context, None if measured is None else measured[rows],
                                data_consistency, tau_d, tau_f, generators,
                                _chunk_callback(callback, c, len(chunks), int(ks[0])))
@@ -543,6 +552,7 @@ class _Context:
     x0_enc: torch.Tensor
     features: list
     valid: torch.Tensor | None
+    x0_flow: torch.Tensor | None = None  # start="renoised": the flow's x̂0 that is re-noised
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -565,12 +575,29 @@ def _encode_all(model, cond, scale, valid, chunk_size: int, opts: _Options):
     return torch.cat(outs), [torch.cat(level) for level in zip(*feats)], len(outs)
 
 
+def flow_mode_x0(model, cond, x0_enc, features, valid=None) -> torch.Tensor:
+    """x̂0 from the flow: the mode of p(x_Ttrunc | y) (τ = 0) / √ᾱ_Ttrunc, clamped to the data range and masked."""
+    lo, hi = model.config.x0_clip
+    x = model.flow_sample(cond, x0_enc, features, 0.0, None, valid).float()
+    return (x / model.flow_shift_factor).clamp(lo, hi) * cond[:, COND_CHANNELS.index("mask")][:, None]
+
+
+def _flow_mode_all(model, cond, x0_enc, features, valid, chunk_size: int) -> torch.Tensor:
+    """flow_mode_x0 of every image, in chunks of at most chunk_size images (as the encoder ran)."""
+    parts = [slice(i, i + chunk_size) for i in range(0, len(cond), chunk_size)]
+    return torch.cat([flow_mode_x0(model, cond[p], x0_enc[p], [f[p] for f in features],
+                                   None if valid is None else valid[p]) for p in parts]).to(cond.dtype)
+
+
 def _run_chunk(model, opts: _Options, ctx: _Context, measured, weight, tau_d, tau_f, generators, callback):
     """One batch of chains: start point, hooked denoiser, reverse chain, final clamp and mask."""
     clip, mask = model.config.x0_clip, ctx.mask
     if opts.start == "flow":
         x = model.flow_sample(ctx.cond, ctx.x0_enc, ctx.features, tau_f, generators, ctx.valid)
         x = x.to(ctx.cond.dtype) * mask
+    elif opts.start == "renoised":  # the forward process from the flow's x̂0 to index t_start
+        eps = randn_like(torch.empty_like(mask), generators) * mask
+        x = model.schedule.q_sample(ctx.x0_flow, torch.full((len(mask),), opts.t_start, dtype=torch.long), eps)
     else:
         x = randn_like(torch.empty_like(mask), generators) * mask
     denoiser = CountingDenoiser(model.denoiser(ctx.cond, ctx.x0_enc, ctx.scale, ctx.valid), model.schedule,

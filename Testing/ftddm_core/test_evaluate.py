@@ -11,12 +11,21 @@ import pytest
 import torch
 from scipy.stats import pearsonr, wilcoxon
 
-from ftddm_core import evaluate as ev
+from ftddm_core.evaluation import maps
+from ftddm_core.evaluation.markdown import gap_diagnosis, training_line
+from ftddm_core.evaluation.methods import METHOD_NAMES, method_specs
+from ftddm_core.evaluation.options import STUDIES, EvaluateOptions, parse_names, parse_scales
+from ftddm_core.evaluation.runs import execute, training_metadata
+from ftddm_core.evaluation.stats import (CALIBRATION_BINS, aggregate, calibration, finite_stats, gradient_ratio,
+                                         high_frequency_ratio, kspace_consistency_error, paired_wilcoxon,
+                                         wilcoxon_table)
+from ftddm_core.evaluation.studies import TAU_D_VALUES
 from ftddm_core import kspace
 from ftddm_core.cli import main
 from ftddm_core.config import preset
 from ftddm_core.flow import ConditionalFlow
 from ftddm_core.model import FTDDM
+from ftddm_core.sampling import CountingDenoiser, ftddm_x0_hook, randn_like, sample_chain, sample_ftddm
 from ftddm_core.schedule import DiffusionSchedule
 from ftddm_core.unet import UNet
 
@@ -43,7 +52,7 @@ def test_kspace_error_equals_the_image_domain_error_by_parseval(m, shape):
     # orthonormal FFT: the central block of K(out) equals √(n1·n2/(m1·m2))·K(downsample(out, m)), so the
     # k-space norm ratio is the image-domain ratio on the m1×m2 grid (in-vivo-like slices are not square)
     expected = np.linalg.norm(kspace.downsample(out, m) - lr / norm) / np.linalg.norm(lr / norm)
-    assert ev.kspace_consistency_error(out, lr, norm) == pytest.approx(expected, rel=1e-10)
+    assert kspace_consistency_error(out, lr, norm) == pytest.approx(expected, rel=1e-10)
 
 
 def test_kspace_error_zero_for_the_measurement_one_for_nothing_and_blind_to_high_frequencies():
@@ -51,14 +60,14 @@ def test_kspace_error_zero_for_the_measurement_one_for_nothing_and_blind_to_high
     m, norm = 15, 2.0  # odd m: the zero-filled real LR map is real (Hermitian block)
     lr = lr_of(rng.random((64, 64)), m)
     consistent = kspace.zero_fill(lr, 64).real / norm
-    assert ev.kspace_consistency_error(consistent, lr, norm) < 1e-12
-    assert ev.kspace_consistency_error(np.zeros((64, 64)), lr, norm) == pytest.approx(1.0)
+    assert kspace_consistency_error(consistent, lr, norm) < 1e-12
+    assert kspace_consistency_error(np.zeros((64, 64)), lr, norm) == pytest.approx(1.0)
     stripes = np.cos(2 * np.pi * 20 * np.arange(64) / 64)[None, :] * np.ones((64, 1))  # k = ±20 ∉ centre 15
-    assert ev.kspace_consistency_error(consistent + stripes, lr, norm) < 1e-12
+    assert kspace_consistency_error(consistent + stripes, lr, norm) < 1e-12
     low = np.cos(2 * np.pi * 3 * np.arange(64) / 64)[None, :] * np.ones((64, 1))  # k = ±3 inside the block
-    assert ev.kspace_consistency_error(consistent + low, lr, norm) > 0.1
+    assert kspace_consistency_error(consistent + low, lr, norm) > 0.1
     with pytest.raises(ValueError, match="no larger than it"):
-        ev.kspace_consistency_error(consistent[:, :10], lr, norm)
+        kspace_consistency_error(consistent[:, :10], lr, norm)
 
 
 def test_sharpness_measures():
@@ -66,21 +75,21 @@ def test_sharpness_measures():
     gt = rng.random((64, 64))
     mask = np.zeros((64, 64), bool)
     mask[8:56, 8:56] = True
-    assert ev.gradient_ratio(gt, 2 * gt, mask) == pytest.approx(2.0)
-    assert ev.high_frequency_ratio(gt, gt, 16) == pytest.approx(1.0)
+    assert gradient_ratio(gt, 2 * gt, mask) == pytest.approx(2.0)
+    assert high_frequency_ratio(gt, gt, 16) == pytest.approx(1.0)
     # a low-pass image has no energy outside the kept block
-    assert ev.high_frequency_ratio(gt, kspace.low_pass(gt, 15).real, 15) < 1e-20
-    assert ev.gradient_ratio(gt, kspace.low_pass(gt, 15).real, mask) < 0.8
+    assert high_frequency_ratio(gt, kspace.low_pass(gt, 15).real, 15) < 1e-20
+    assert gradient_ratio(gt, kspace.low_pass(gt, 15).real, mask) < 0.8
 
 
 # --- aggregation, Wilcoxon pairing, calibration -------------------------------------------------------
 def test_aggregate_is_mean_and_std_of_finite_values_per_group():
     rows = [{"method": "a", "x": 1.0}, {"method": "a", "x": 3.0}, {"method": "a", "x": float("nan")},
             {"method": "b", "x": 2.0}, {"method": "b", "x": float("inf")}, {"method": "b", "x": 6.0}]
-    agg = {r["method"]: r for r in ev.aggregate(rows, ["method"], ["x"])}
+    agg = {r["method"]: r for r in aggregate(rows, ["method"], ["x"])}
     assert agg["a"]["n"] == 3 and agg["a"]["x_mean"] == 2.0 and agg["a"]["x_std"] == pytest.approx(np.std([1, 3]))
     assert agg["b"]["x_mean"] == 4.0 and agg["b"]["x_std"] == pytest.approx(2.0)
-    assert ev.finite_stats([float("nan")]) [2] == 0
+    assert finite_stats([float("nan")]) [2] == 0
 
 
 def per_map_rows(method, values, order):
@@ -93,7 +102,7 @@ def test_wilcoxon_pairs_maps_by_identity_not_by_position():
     ref = rng.random(12)
     other = ref - np.linspace(-0.02, 0.1, 12)  # mostly worse, increasingly so
     rows = per_map_rows("ftddm_dpmpp_10", ref, range(12)) + per_map_rows("x", other, rng.permutation(12))
-    table = {t["metric"]: t for t in ev.wilcoxon_table(rows)}
+    table = {t["metric"]: t for t in wilcoxon_table(rows)}
     assert set(table) == {"ssim", "psnr", "nrmse"}
     expected = wilcoxon(ref, other)
     assert table["ssim"]["n"] == 12
@@ -105,38 +114,38 @@ def test_wilcoxon_pairs_maps_by_identity_not_by_position():
 
 
 def test_wilcoxon_edge_cases():
-    same = ev.paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0}, {("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0})
+    same = paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0}, {("a", 0, "m"): 1.0, ("b", 0, "m"): 2.0})
     assert same["p_value"] == 1.0 and same["n"] == 2
-    partial = ev.paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): np.inf}, {("a", 0, "m"): 0.5})
+    partial = paired_wilcoxon({("a", 0, "m"): 1.0, ("b", 0, "m"): np.inf}, {("a", 0, "m"): 0.5})
     assert partial["n"] == 1
-    assert ev.paired_wilcoxon({}, {})["n"] == 0
+    assert paired_wilcoxon({}, {})["n"] == 0
 
 
 def test_calibration_of_a_calibrated_std():
     rng = np.random.default_rng(4)
     std = rng.uniform(0.1, 1.0, 40_000)
     err = np.abs(rng.normal(0.0, std))  # |N(0, σ)|: RMSE in a bin = its σ
-    cal = ev.calibration(err, std)
+    cal = calibration(err, std)
     assert cal["pearson"] == pytest.approx(pearsonr(std, err)[0])
-    assert cal["pearson"] > 0.3 and len(cal["bins"]) == ev.CALIBRATION_BINS
+    assert cal["pearson"] > 0.3 and len(cal["bins"]) == CALIBRATION_BINS
     assert sum(b["count"] for b in cal["bins"]) == std.size
     for b in cal["bins"]:
         assert b["rmse"] == pytest.approx(b["std_mean"], rel=0.06)
-    flat = ev.calibration(err, np.zeros_like(err))
+    flat = calibration(err, np.zeros_like(err))
     assert np.isnan(flat["pearson"]) and len(flat["bins"]) == 1
 
 
 def test_parsing_and_scale_checks():
-    assert ev.parse_scales("8,4,2") == (8.0, 4.0, 2.0)
-    assert ev.lr_size_for(6.4) == 10
+    assert parse_scales("8,4,2") == (8.0, 4.0, 2.0)
+    assert maps.lr_size_for(6.4) == 10
     with pytest.raises(ValueError, match="whole number"):
-        ev.lr_size_for(3)
+        maps.lr_size_for(3)
     with pytest.raises(ValueError, match="positive numbers"):
-        ev.parse_scales("8,-4")
-    assert ev.parse_names("none", ev.STUDIES, "studies") == ()
-    assert ev.parse_names("all", ev.STUDIES, "studies") == ev.STUDIES
+        parse_scales("8,-4")
+    assert parse_names("none", STUDIES, "studies") == ()
+    assert parse_names("all", STUDIES, "studies") == STUDIES
     with pytest.raises(ValueError, match="unknown method"):
-        ev.parse_names("ddpm_full,magic", ev.METHOD_NAMES, "method(s)")
+        parse_names("ddpm_full,magic", METHOD_NAMES, "method(s)")
 
 
 # --- the re-noised flow start with an oracle network --------------------------------------------------
@@ -183,8 +192,8 @@ def oracle_inputs(batch=2, size=16, seed=0):
 def test_renoised_start_with_an_oracle_returns_the_target(sampler, steps, nfe):
     cond, target = oracle_inputs()
     model = oracle_bundle(target)
-    res = ev.sample_renoised(model, cond, 4.0, 50, sampler=sampler, steps=steps, n_samples=2,
-                             generator=torch.Generator().manual_seed(1))
+    res = sample_ftddm(model, cond, 4.0, start="renoised", t_trunc=50, sampler=sampler, steps=steps, n_samples=2,
+                       generator=torch.Generator().manual_seed(1))
     assert res.nfe == nfe
     torch.testing.assert_close(res.mean, target, atol=1e-4, rtol=1e-4)
     assert float(res.std.max()) < 1e-4
@@ -193,9 +202,16 @@ def test_renoised_start_with_an_oracle_returns_the_target(sampler, steps, nfe):
 def test_renoised_start_is_the_forward_process_from_the_flow_estimate():
     cond, target = oracle_inputs(batch=1, size=64, seed=2)
     model = oracle_bundle(target)
-    seen = []
-    ev.sample_renoised(model, cond, 4.0, 50, sampler="dpmpp", steps=5, generator=torch.Generator().manual_seed(3),
-                       callback=lambda info: seen.append(info["x"].clone()))
+    seen = []  # the chain's inputs x_t, the first is its start
+    network = model.denoiser
+
+    def recording(*args, **kwargs):
+        eps = network(*args, **kwargs)
+        return lambda x, t: (seen.append(x.clone()), eps(x, t))[1]
+
+    model.denoiser = recording
+    sample_ftddm(model, cond, 4.0, start="renoised", t_trunc=50, sampler="dpmpp", steps=5,
+                 generator=torch.Generator().manual_seed(3))
     ab = float(model.schedule.alphas_cumprod[50])
     x0_flow = target  # flow mode / √ᾱ_100 = target (already in the clip range and masked)
     eps = (seen[0] - ab ** 0.5 * x0_flow) / (1 - ab) ** 0.5
@@ -203,7 +219,33 @@ def test_renoised_start_is_the_forward_process_from_the_flow_estimate():
     assert float(eps[~inside].abs().max()) == 0.0  # ε ⊙ M
     assert abs(float(eps[inside].mean())) < 0.06 and abs(float(eps[inside].std()) - 1) < 0.06
     with pytest.raises(ValueError, match="re-noised start"):
-        ev.sample_renoised(model, cond, 4.0, 150)
+        sample_ftddm(model, cond, 4.0, start="renoised", t_trunc=150)
+
+
+@pytest.mark.parametrize("sampler,steps,max_batch", [("ancestral", 1, 1), ("dpmpp", 4, 3)])
+def test_renoised_start_is_the_reverse_chain_from_the_forward_noised_flow_mode(sampler, steps, max_batch):
+    """The one sampler loop with start="renoised" equals, chain by chain, q_sample(x̂0_flow, t', ε⊙M) followed by
+    the reverse chain, with ε and the chain's noise from the chain's own seed (a tiny model, not an oracle)."""
+    model = micro_model(t_trunc=20).eval()
+    g = torch.Generator().manual_seed(4)
+    cond = torch.rand(3, 4, 16, 16, generator=g)
+    cond[:, 1] = (cond[:, 1] > 0.3).float()
+    scale = torch.full((3,), 4.0)
+    res = sample_ftddm(model, cond, scale, start="renoised", t_trunc=7, sampler=sampler, steps=steps, tau_d=0.9,
+                       generator=torch.Generator().manual_seed(5), max_batch=max_batch)
+    seeds = torch.randint(0, 2**62, (1, 3), generator=torch.Generator().manual_seed(5))
+    clip = model.config.x0_clip
+    for b in range(3):
+        c, m, s = cond[b:b + 1], cond[b:b + 1, 1:2], scale[b:b + 1]
+        x0_enc, features = model.encode(c, s)
+        x0_flow = (model.flow_sample(c, x0_enc, features, 0.0) / model.flow_shift_factor).clamp(*clip) * m
+        chain = [torch.Generator().manual_seed(int(seeds[0, b]))]
+        x = model.schedule.q_sample(x0_flow, torch.tensor([7]), randn_like(m, chain) * m)
+        denoiser = CountingDenoiser(model.denoiser(c, x0_enc, s), model.schedule, mask=m,
+                                    x0_hook=ftddm_x0_hook(clip, m))
+        x0 = sample_chain(denoiser, x, model.schedule, sampler=sampler, t_start=7, steps=steps, tau_d=0.9, mask=m,
+                          generator=chain).clamp(*clip) * m
+        torch.testing.assert_close(res.mean[b:b + 1], x0, atol=1e-6, rtol=1e-5)
 
 
 # --- the command end to end ----------------------------------------------------------------------------
@@ -279,7 +321,7 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
     names = {r["method"] for r in methods}
     # the 101-step DDPM model's DPM-Solver++ noise chains start at its λ ≥ −5.1 clip, index 99: K = 100 won't fit
     assert "`dpmpp_noise_100`: 100 solver steps do not fit a chain starting at index 99" in report
-    assert names == set(ev.METHOD_NAMES) - {"ftddm_anc_100", "ftddm_anc_50", "ftddm_dpmpp_50", "dpmpp_noise_100"}
+    assert names == set(METHOD_NAMES) - {"ftddm_anc_100", "ftddm_anc_50", "ftddm_dpmpp_50", "dpmpp_noise_100"}
     assert len(methods) == 2 * len(names)
     by = {(r["method"], float(r["scale"])): r for r in methods}
     assert by[("ftddm_dpmpp_10", 8.0)]["nfe"] == "11" and by[("ddpm_full", 8.0)]["nfe"] == "101"
@@ -290,14 +332,14 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
     # the zero-filled row is recomputable from the data alone: check one map against scikit-image's SSIM
     from skimage.metrics import structural_similarity
 
-    data = ev.load_test_maps(tiny_dataset, ev.test_split(tiny_dataset, 0, 0)[1], (4.0,), 2)[4.0]
+    data = maps.load_test_maps(tiny_dataset, maps.test_split(tiny_dataset, 0, 0)[1], (4.0,), 2)[4.0]
     zf = np.abs(kspace.zero_fill(data.lr[0], 64)) / data.norm[0] * data.mask[0]
     row = next(r for r in per_map if r["method"] == "zero_filled" and float(r["scale"]) == 4.0)
     assert float(row["ssim"]) == pytest.approx(structural_similarity(data.gt[0], zf, data_range=float(
         data.gt[0].max() - data.gt[0].min())), rel=1e-4)
     assert {r["method"] for r in read_csv(out / "wilcoxon.csv")} == names - {"ftddm_dpmpp_10"}
     tau = read_csv(out / "study_tau_d.csv")
-    assert sorted({float(r["tau_d"]) for r in tau}) == list(ev.TAU_D_VALUES)
+    assert sorted({float(r["tau_d"]) for r in tau}) == list(TAU_D_VALUES)
     assert len(read_csv(out / "study_scale_mismatch.csv")) == 4
     assert {r["t_trunc"] for r in read_csv(out / "study_t_trunc.csv")} == {"0", "10", "20"}
     assert read_csv(out / "study_calibration_bins.csv")
@@ -347,7 +389,7 @@ def test_invivo_maps_are_the_training_tiles_and_baselines_come_from_the_full_sli
     from ftddm_core.data import load_patient
 
     ids = ["sub-001", "sub-002", "sub-003"]
-    d = ev.load_test_maps(invivo_dataset, ids, (4.0,), 9)[4.0]
+    d = maps.load_test_maps(invivo_dataset, ids, (4.0,), 9)[4.0]
     assert d.tiled and d.gt.shape[1:] == d.mask.shape[1:] == d.cond.shape[2:] == (64, 64)
     patients = {pid: load_patient(invivo_dataset / pid) for pid in {i[0] for i in d.ids}}
     seen = set()
@@ -379,15 +421,15 @@ def test_invivo_maps_are_the_training_tiles_and_baselines_come_from_the_full_sli
         assert d.mask_in_tile[i] == (mask_tile.sum() == mask.sum())
         if d.mask_in_tile[i]:  # the ground truth's k-space error is the full slice's
             assert d.kspace_error(i, d.gt[i]) == pytest.approx(
-                ev.kspace_consistency_error(hr * mask / d.norm[i], d.lr[i], d.norm[i]), rel=1e-5)
+                kspace_consistency_error(hr * mask / d.norm[i], d.lr[i], d.norm[i]), rel=1e-5)
     assert seen == {"padded", "cropped"}
     assert d.cond_scale == pytest.approx([np.sqrt(np.prod(n) / np.prod(m))
                                           for n, m in zip(d.slice_shapes, d.lr_shapes)])
     # zero-filling from the full slice's LR, cut at the tile: exactly the model's LR channel inside M
-    opts = ev.EvaluateOptions(scales=(4.0,), methods=("zero_filled",), studies=())
-    zf = ev.execute(ev.method_specs()["zero_filled"], d, {}, opts, torch.device("cpu"))["mean"]
+    opts = EvaluateOptions(scales=(4.0,), methods=("zero_filled",), studies=())
+    zf = execute(method_specs()["zero_filled"], d, {}, opts, torch.device("cpu"))["mean"]
     np.testing.assert_allclose(zf, d.cond[:, 0].numpy() * d.mask, rtol=1e-5, atol=1e-6)
-    bic = ev.execute(ev.method_specs()["bicubic"], d, {}, opts, torch.device("cpu"))["mean"]
+    bic = execute(method_specs()["bicubic"], d, {}, opts, torch.device("cpu"))["mean"]
     assert np.all(bic[~d.mask] == 0) and np.corrcoef(bic[d.mask], zf[d.mask])[0, 1] > 0.8
 
 
@@ -420,8 +462,8 @@ def test_evaluate_runs_on_an_invivo_like_dataset(invivo_dataset, models, tmp_pat
     per_map = read_csv(out / "per_map.csv")
     assert {r["method"] for r in per_map} == {"zero_filled", "bicubic", "regression", "flow_only", "ftddm_dpmpp_10"}
     assert all(np.isfinite(float(r["ssim"])) for r in per_map)
-    ids = ev.test_split(invivo_dataset, 0, 0)[1]
-    d = ev.load_test_maps(invivo_dataset, ids, (4.0,), 2)[4.0]
+    ids = maps.test_split(invivo_dataset, 0, 0)[1]
+    d = maps.load_test_maps(invivo_dataset, ids, (4.0,), 2)[4.0]
     zf = d.cond[:, 0].numpy() * d.mask  # the model's own LR channel: the zero-filled baseline sees these pixels
     for i, row in enumerate(r for r in per_map if r["method"] == "zero_filled"):
         assert (row["patient"], int(row["slice"]), row["metabolite"]) == d.ids[i]
@@ -436,9 +478,9 @@ def test_gap_diagnosis_subtracts_the_probe_methods_only_at_failing_scales():
                           job_of={k: k for k in ssim}, metric_rows=lambda name, s: [{"ssim": ssim[(name, s)]}])
     headline = {"per_scale": [{"scale": 8.0, "ssim_difference": -0.05, "within_margin": False},
                               {"scale": 4.0, "ssim_difference": 0.0, "within_margin": True}]}
-    table = ev._gap_diagnosis(ctx, headline)[-1]
+    table = gap_diagnosis(ctx, headline)[-1]
     assert table.splitlines()[-1] == "| 8 | -0.0500 | +0.0100 | +0.0300 | +0.0500 |"
-    assert ev._gap_diagnosis(ctx, {"per_scale": headline["per_scale"][1:]}) == []
+    assert gap_diagnosis(ctx, {"per_scale": headline["per_scale"][1:]}) == []
 
 
 def test_training_record_is_read_from_a_training_run_and_from_a_packaged_model_card(tmp_path):
@@ -448,7 +490,7 @@ def test_training_record_is_read_from_a_training_run_and_from_a_packaged_model_c
     card = {"name": "x", "training": {"iterations": 6000, "data": data}}
     packaged = micro_model().save(tmp_path / "packaged.safetensors", extra={"model_card": card})
     bare = micro_model().save(tmp_path / "bare.safetensors")
-    lines = [ev._training_line(SimpleNamespace(training=ev._training_metadata(p)))
+    lines = [training_line(SimpleNamespace(training=training_metadata(p)))
              for p in (run_file, packaged, bare)]
     assert lines[0] == lines[1] == "trained on phantom25, fold 0, split seed 0, 6000 iterations"
     assert lines[2] == "no training data recorded in the file"

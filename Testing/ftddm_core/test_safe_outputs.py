@@ -78,7 +78,7 @@ def test_every_writer_gives_the_umask_mode(umask_022, tmp_path, exam, tiny_model
     written.append(tmp_path / "d.nii.gz")
     written.append(figures.calibration_plot([{"scale": 4.0, "pearson": 0.3, "bins": [{"std_mean": 1, "rmse": 1}]}],
                                             tmp_path / "f.png"))
-    from ftddm_core.evaluate import write_cache
+    from ftddm_core.evaluation.runs import write_cache
 
     write_cache(tmp_path / "c.npz", "k", {"mean": np.zeros(2), "std": np.zeros(2), "nfe": 1})
     written.append(tmp_path / "c.npz")
