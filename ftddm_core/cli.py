@@ -6,7 +6,6 @@ Each subcommand is a thin layer over the Python API; errors a user can fix are p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import signal
 import sys
@@ -15,30 +14,11 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .options import SuperResolveOptions, cli_flag
+from .flags import add_dataclass_flags, dataclass_from_args
+from .options import SuperResolveOptions
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per dataclass field, typed from its default, with the help text of the field's metadata
-    (flags and their help are written once, in the dataclass)."""
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        if isinstance(default, bool):
-            parser.add_argument(cli_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{text} (default: {'on' if default else 'off'})".lstrip())
-        else:
-            parser.add_argument(cli_flag(f.name), type=type(default), default=default,
-                                help=f"{text} (default: {default})".lstrip())
-
-
-def _dataclass_from_args(cls, args, skip=()):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip})
-
-
 class ProgressPrinter:
     """A tqdm bar for people, or one parseable line per update (--progress-lines) for the Slicer module."""
 
@@ -80,7 +60,7 @@ def cmd_train(args) -> int:
     from .data import training_sources
     from .train import TrainOptions, train
 
-    opts = _dataclass_from_args(TrainOptions, args)
+    opts = dataclass_from_args(TrainOptions, args)
     init = None
     if args.init is not None:  # fine-tune a trained model (e.g. the shipped default) on the user's data
         from .model import DEFAULT_MODEL, FTDDM
@@ -112,7 +92,7 @@ def cmd_train(args) -> int:
 def cmd_super_resolve(args) -> int:
     from .pipeline import run_super_resolve
 
-    opts = _dataclass_from_args(SuperResolveOptions, args)
+    opts = dataclass_from_args(SuperResolveOptions, args)
     progress = ProgressPrinter("super-resolve", args.progress_lines)
     report = run_super_resolve(args.lr, args.out, t1=args.t1, flair=args.flair, mask=args.mask,
                                model_path=args.model, options=opts, ratios=args.ratio,
@@ -137,7 +117,7 @@ def cmd_bids(args) -> int:
         return 0
     from .bids import run_participants
 
-    opts = _dataclass_from_args(SuperResolveOptions, args)
+    opts = dataclass_from_args(SuperResolveOptions, args)
     bars = []
 
     def progress_for(label):
@@ -169,10 +149,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import run_evaluation
-    from .evaluation.options import from_args
+    from .evaluation import EvaluateOptions, run_evaluation
 
-    opts = from_args(args)  # every EvaluateOptions field has its generated flag
+    opts = dataclass_from_args(EvaluateOptions, args)  # every EvaluateOptions field has its generated flag
     progress = ProgressPrinter("evaluate", args.progress_lines)
     summary = run_evaluation(args.data, args.model, args.out, opts, ddpm_model=args.ddpm_model,
                              regression_model=args.regression_model, progress=progress)
@@ -260,7 +239,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if wanted("train"):
         from .train import TrainOptions
 
-        _add_dataclass_flags(sp, TrainOptions)
+        add_dataclass_flags(sp, TrainOptions)
     sp.set_defaults(func=cmd_train)
 
     sp = common(sub.add_parser("super-resolve", help="super-resolve low-resolution metabolite maps"))
@@ -279,7 +258,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          "inputs); repeat for more")
     overwrite(sp, "existing outputs in --out")
     nan_policy(sp)
-    _add_dataclass_flags(sp, SuperResolveOptions)
+    add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_super_resolve)
 
     sp = common(sub.add_parser("bids", help="BIDS App: super-resolve a BIDS dataset (docs/bids.md)"))
@@ -300,7 +279,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     model(sp)
     overwrite(sp, "finished sessions (redo them)")
     nan_policy(sp)
-    _add_dataclass_flags(sp, SuperResolveOptions)
+    add_dataclass_flags(sp, SuperResolveOptions)
     sp.set_defaults(func=cmd_bids)
 
     sp = common(sub.add_parser("evaluate", help="compare methods on a fold's test patients: metrics, "
@@ -319,9 +298,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="a UNet regression baseline (`ftddm train --config regression`); default: the FTDDM "
                          "model's own SR encoder, the one-pass regression of the same training")
     if wanted("evaluate"):
-        from .evaluation.options import add_flags
+        from .evaluation.options import EvaluateOptions
 
-        add_flags(sp)
+        add_dataclass_flags(sp, EvaluateOptions)
     sp.set_defaults(func=cmd_evaluate)
 
     sp = common(sub.add_parser("demo", help="synthetic patient → LR → super-resolved, with a figure"))

@@ -1,6 +1,6 @@
 """Figures of `ftddm evaluate` (matplotlib, Agg backend): quality vs NFE, studies (paper Figs. 5–7), panels.
 
-Each function takes plain rows (dicts) as built by ftddm_core.evaluate and writes one PNG atomically. Image
+Each function takes plain rows (dicts) as built by ftddm_core.evaluation and writes one PNG atomically. Image
 panels follow one convention (also used by the demo, the phantom and the BIDS report figures): metabolite maps
 in a perceptually uniform colormap, anatomy in grey, signed errors in a diverging colormap on a symmetric window
 ±x centred on 0, uncertainty (std) in a sequential colormap from 0, every image read through a colour bar

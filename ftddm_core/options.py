@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from .config import FTDDMConfig
+from .flags import cli_flag
 
 #: sampler → what it does (the CLI help and the Slicer combo box list them in this order; default first)
 SAMPLER_HELP = {
@@ -142,11 +143,6 @@ class SuperResolveOptions:
         if unknown:
             raise ValueError(f"unknown super-resolution option(s) {unknown}; expected some of {sorted(names)}")
         return cls(**values)
-
-
-def cli_flag(name: str) -> str:
-    """The command-line flag of a dataclass field: tau_d → --tau-d."""
-    return "--" + name.replace("_", "-")
 
 
 def _check_value(f: dataclasses.Field, value, force: bool) -> None:

@@ -20,7 +20,6 @@ from torch import nn
 
 from .padding import masked as _masked, valid_pyramid
 from .config import UNetConfig
-from .nnutil import count_parameters  # noqa: F401 (evaluate imports it from here)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -22,7 +22,8 @@ import torch
 
 from ftddm_core.atomic import atomic_write_text
 from ftddm_core.device import generator as make_generator
-from ftddm_core.evaluate import load_test_maps, _training_metadata
+from ftddm_core.evaluation.maps import load_test_maps
+from ftddm_core.evaluation.runs import training_metadata
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256
 from ftddm_core.options import SuperResolveOptions
 from ftddm_core.uncertainty import UncertaintyCalibration, fit_std_scale
@@ -39,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = FTDDM.load(args.model)
-    validation = _training_metadata(args.model).get("data", {}).get("validation")
+    validation = training_metadata(args.model).get("data", {}).get("validation")
     if not validation:
         raise SystemExit(f"{args.model}: its model card records no validation patients; nothing to fit on")
     opts = SuperResolveOptions()

@@ -6,9 +6,7 @@ import pytest
 
 from ftddm_core.cli import build_parser
 
-COMMANDS = ("phantom", "train", "super-resolve", "bids", "demo",
-            pytest.param("evaluate", marks=pytest.mark.xfail(strict=False,
-                                                            reason="flags regenerated in the evaluation split")))
+COMMANDS = ("phantom", "train", "super-resolve", "bids", "demo", "evaluate")
 ONLY_A_DEFAULT = re.compile(r"\s*(\(default: [^)]*\))?\s*")
 
 

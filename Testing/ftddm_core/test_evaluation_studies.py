@@ -7,7 +7,8 @@ import pytest
 
 from ftddm_core.cli import build_parser
 from ftddm_core.evaluation.methods import REFERENCE, method_specs, resolve_spec
-from ftddm_core.evaluation.options import STUDIES, EvaluateOptions, from_args
+from ftddm_core.evaluation.options import STUDIES, EvaluateOptions
+from ftddm_core.flags import dataclass_from_args
 from ftddm_core.evaluation.studies import (STUDY_TYPES, T_TRUNC_VALUES, TAU_D_VALUES, CalibrationStudy,
                                            ScaleMismatchStudy, Study, build_studies)
 from ftddm_core.schedule import DiffusionSchedule
@@ -90,11 +91,12 @@ def test_evaluate_flags_are_the_options_fields_with_help_and_their_defaults():
         assert action.help and len(action.help) > 30, f"--{dest} has no real help"
     # the flags' defaults are the dataclass defaults (one place for them)
     args = parser.parse_args(["--data", "d", "--out", "o"])
-    assert from_args(args) == EvaluateOptions()
+    assert dataclass_from_args(EvaluateOptions, args) == EvaluateOptions()
     args = parser.parse_args(["--data", "d", "--out", "o", "--scales", "4,2", "--methods", "bicubic",
                               "--studies", "none", "--max-slices", "3", "--tau-d", "0.5", "--bf16"])
-    assert from_args(args) == EvaluateOptions(scales=(4.0, 2.0), methods=("bicubic",), studies=(), max_slices=3,
-                                              tau_d=0.5, bf16=True)
+    assert dataclass_from_args(EvaluateOptions, args) == EvaluateOptions(
+        scales=(4.0, 2.0), methods=("bicubic",), studies=(), max_slices=3,
+        tau_d=0.5, bf16=True)
     with pytest.raises(ValueError, match="unknown method"):
-        from_args(parser.parse_args(["--data", "d", "--out", "o", "--methods", "magic"]))
+        dataclass_from_args(EvaluateOptions, parser.parse_args(["--data", "d", "--out", "o", "--methods", "magic"]))
     assert "%" in parser.format_help()  # help texts with % are escaped for argparse

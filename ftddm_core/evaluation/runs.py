@@ -17,7 +17,7 @@ from ..atomic import atomic_write
 from ..device import autocast, generator as make_generator
 from ..model import DEFAULT_MODEL, FTDDM, file_sha256
 from ..sampling import flow_mode_x0
-from ..unet import count_parameters
+from ..nnutil import count_parameters
 from .maps import ScaleData, cut_tile
 from .methods import MODEL_ROLES, RunSpec, nfe_of
 from .options import EvaluateOptions
