@@ -176,18 +176,23 @@ def t_trunc_plot(rows: Sequence[dict], ddpm_ssim: dict[float, float], path: Path
 
 def calibration_plot(rows: Sequence[dict], path: Path, units: str = DEFAULT_UNITS) -> Path:
     """Reliability plot: RMSE of the voxels in each std bin against the bin's mean std (identity = calibrated);
-    both axes in the maps' `units`."""
+    both axes in the maps' `units`. Rows with a ``calibration_scale`` c ≠ 1 also show the bins at c × std
+    (filled; the raw std hollow)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.4, 4.0))
     top = 0.0
     for r in sorted(rows, key=lambda r: -r["scale"]):
-        x = [b["std_mean"] for b in r["bins"]]
+        x = np.array([b["std_mean"] for b in r["bins"]])
         y = [b["rmse"] for b in r["bins"]]
-        ax.plot(x, y, "o-", label=f"s = {r['scale']:g} (r = {r['pearson']:.2f})")
-        top = max([top, *x, *y])
+        c = float(r.get("calibration_scale", 1.0))
+        line, = ax.plot(x, y, "o-", label=f"s = {r['scale']:g} (r = {r['pearson']:.2f})",
+                        mfc="none" if c != 1.0 else None)
+        if c != 1.0:
+            ax.plot(c * x, y, "o-", color=line.get_color(), label=f"s = {r['scale']:g}, {c:.3g} × std")
+        top = max([top, *(c * x), *y])
     top = top or 1.0
     ax.plot([0, top], [0, top], "k:", lw=1, label="calibrated")
-    ax.set_xlabel(f"predicted std, bin mean ({units})")
+    ax.set_xlabel(f"predicted std (hollow) or uncertainty (filled), bin mean ({units})")
     ax.set_ylabel(f"RMSE of the bin's voxels ({units})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

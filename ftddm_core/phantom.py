@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from .config import METABOLITES
-from .volume import apply_affine, grid_centres, largest_component
+from .masks import largest_component
+from .volume import apply_affine, grid_centres
 
 MAP_SIZE = 64  # in-plane matrix of the HR maps (paper: 64×64)
 MAP_VOXEL_MM = 3.4  # isotropic HR voxel (paper: 3.4 mm)

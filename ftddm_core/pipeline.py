@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import kspace, prep, volume as vol
+from . import kspace, masks, prep, volume as vol
 from .atomic import atomic_write_text, deferred_interrupts
 from .device import autocast, generator as make_generator, resolve_device
 from .options import SuperResolveOptions
@@ -162,8 +162,8 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
         mask_slices = vol.to_slices(user_mask, axis)
     else:  # automatic: brain from T1 ∧ MRSI support of any metabolite
         cell = (n1 / m1, n2 / m2)  # HR pixels per LR voxel: the support is cleaned at the LR voxel scale
-        support = np.any([vol.signal_support(c, 0, cell=cell) for c in lr_zf_all], axis=0)
-        mask_slices = support & vol.to_slices(vol.brain_mask(t1_g, axis), axis)
+        support = np.any([masks.signal_support(c, 0, cell=cell) for c in lr_zf_all], axis=0)
+        mask_slices = support & vol.to_slices(masks.brain_mask(t1_g, axis), axis)
     t1_s, flair_s = vol.to_slices(t1_g, axis), vol.to_slices(flair_g, axis)
     conds, scales = [], []
     for c in range(n_chan):

@@ -94,7 +94,8 @@ def test_aggregate_is_mean_and_std_of_finite_values_per_group():
 
 def per_map_rows(method, values, order):
     return [{"method": method, "scale": 4.0, "patient": f"p{i % 3}", "slice": i // 3, "metabolite": "NAA",
-             "ssim": values[i], "psnr": 10 * values[i], "nrmse": 1 - values[i]} for i in order]
+             "ssim": values[i], "psnr": 10 * values[i], "nrmse": 1 - values[i], "gradient_ratio": values[i] / 2}
+            for i in order]
 
 
 def test_wilcoxon_pairs_maps_by_identity_not_by_position():
@@ -103,7 +104,7 @@ def test_wilcoxon_pairs_maps_by_identity_not_by_position():
     other = ref - np.linspace(-0.02, 0.1, 12)  # mostly worse, increasingly so
     rows = per_map_rows("ftddm_dpmpp_10", ref, range(12)) + per_map_rows("x", other, rng.permutation(12))
     table = {t["metric"]: t for t in wilcoxon_table(rows)}
-    assert set(table) == {"ssim", "psnr", "nrmse"}
+    assert set(table) == {"ssim", "psnr", "nrmse", "gradient_ratio"}
     expected = wilcoxon(ref, other)
     assert table["ssim"]["n"] == 12
     assert table["ssim"]["p_value"] == pytest.approx(expected.pvalue)

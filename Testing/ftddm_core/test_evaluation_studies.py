@@ -72,9 +72,12 @@ def test_a_study_section_has_its_notes_and_figure_and_a_table_only_with_rows():
     text = study.markdown(rows, notes, None)
     assert text[0] == "### Uncertainty calibration" and "- skipped: per-voxel std needs --samples ≥ 2 (got 1)" in text
     assert not any(line.startswith("|") for line in text) and not any("![" in line for line in text)
-    row = {"scale": 4.0, "n": 10, "pearson": 0.5, "spearman": 0.4, "rmse": 0.2, "mean_std": 0.1}
+    row = {"scale": 4.0, "n": 10, "pearson": 0.5, "spearman": 0.4, "rmse": 0.2, "mean_std": 0.1,
+           "calibration_scale": 2.5}
     text = study.markdown([row], [], "figures/calibration.png")
-    assert "\n| 4 | 10 | 0.5 | 0.4 | 0.2 | 0.1 | 2 |" in "\n".join(text) and text[-2] == "![calibration](figures/calibration.png)"
+    # RMSE / mean std = 2, and with the stored factor c = 2.5: 0.2 / (2.5 · 0.1) = 0.8
+    assert "\n| 4 | 10 | 0.5 | 0.4 | 0.2 | 0.1 | 2 | 2.5 | 0.8 |" in "\n".join(text)
+    assert text[-2] == "![calibration](figures/calibration.png)"
 
 
 def evaluate_parser():

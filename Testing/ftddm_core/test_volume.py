@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ftddm_core import kspace, lr_grid
+from ftddm_core import kspace, lr_grid, masks
 from ftddm_core import volume as V
 
 
@@ -576,7 +576,7 @@ def test_auto_mask_rule():
     t1[np.hypot(x, y) < 5] = 0.1  # dark ventricle inside the brain
     t1 = np.repeat(t1[None], 3, axis=0)
     lr = np.where(x > -10, 5.0, 0.01) * np.ones((3, n, n))  # no MRSI signal left of x = −10
-    mask = V.auto_mask(lr, t1, axis=0)
+    mask = masks.auto_mask(lr, t1, axis=0)
     brain = r < 20
     assert not mask[:, (r > 22)].any()  # skull excluded
     assert mask[:, np.hypot(x, y) < 5].all()  # ventricle filled in
@@ -585,9 +585,9 @@ def test_auto_mask_rule():
     assert mask[:, inner].all()
     interior = brain & np.roll(brain, 1, 0) & np.roll(brain, -1, 0) & np.roll(brain, 1, 1) & np.roll(brain, -1, 1)
     assert not mask[:, brain & ~interior].any()  # erosion by one voxel removes the rim
-    assert np.array_equal(V.auto_mask(lr, None, axis=0), lr > 0.05 * 5.0)
+    assert np.array_equal(masks.auto_mask(lr, None, axis=0), lr > 0.05 * 5.0)
     # Volume order with another slice axis gives the same mask.
-    assert np.array_equal(V.auto_mask(np.moveaxis(lr, 0, 2), np.moveaxis(t1, 0, 2), axis=2), np.moveaxis(mask, 0, 2))
+    assert np.array_equal(masks.auto_mask(np.moveaxis(lr, 0, 2), np.moveaxis(t1, 0, 2), axis=2), np.moveaxis(mask, 0, 2))
 
 
 # ------------------------------------------------------------------------------------------- antialiasing
@@ -628,7 +628,7 @@ def test_signal_support_of_a_noisy_map_is_the_excited_region_not_salt_and_pepper
     F = 4
     zf = np.abs(kspace.zero_fill(lr, 24 * F))
     raw = zf > 0.05 * np.percentile(zf.reshape(3, -1), 99.5, axis=1)[:, None, None]
-    support = V.signal_support(zf, 0, cell=(F, F))
+    support = masks.signal_support(zf, 0, cell=(F, F))
     hr_box = np.kron(box, np.ones((F, F), bool))  # LR voxel i covers HR pixels F·i … F·i + F − 1 (sample-aligned)
     near = ndimage.binary_dilation(hr_box, iterations=F + 2)  # one LR voxel of Gibbs/partial volume slack
     inner = ndimage.binary_erosion(hr_box, iterations=F + 2)
@@ -643,8 +643,8 @@ def test_auto_mask_and_normalisation_are_independent_of_the_intensity_unit():
     lr, _ = noisy_partial_map(rng)
     zf = np.abs(kspace.zero_fill(lr, 96)).astype(np.float32)
     t1 = np.repeat(np.pad(np.ones((60, 70)), ((18, 18), (13, 13)))[None], 3, 0) * 0.8
-    mask = V.auto_mask(zf, t1, 0, cell=(4, 4))
-    assert mask.any() and np.array_equal(mask, V.auto_mask(zf * np.float32(1e3), t1, 0, cell=(4, 4)))
+    mask = masks.auto_mask(zf, t1, 0, cell=(4, 4))
+    assert mask.any() and np.array_equal(mask, masks.auto_mask(zf * np.float32(1e3), t1, 0, cell=(4, 4)))
     from ftddm_core import prep
 
     cond1, s1, _ = prep.model_inputs(lr, mask, t1, t1, 96)
@@ -658,7 +658,7 @@ def test_brain_mask_of_a_partially_covered_brain_reaches_the_grid_edge():
     y, x = np.mgrid[:n, :n]
     head = np.hypot(x - 24, y - 40) < 26  # the brain continues below the grid edge (partial coverage)
     t1 = np.repeat(np.where(head, 0.8, 0.0)[None], 3, 0)
-    brain = V.brain_mask(t1, 0)
+    brain = masks.brain_mask(t1, 0)
     assert brain[:, -1, 20:28].all()  # the edge row inside the brain is kept …
     from scipy import ndimage
 

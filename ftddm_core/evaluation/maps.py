@@ -12,9 +12,12 @@ import torch
 
 from .. import baselines, kspace, metrics
 from ..data import SliceDataset, is_legacy_grid, list_patients, load_dataset, patient_folds
-from .stats import MapId, high_frequency_ratio, kspace_consistency_error
+from .stats import MapId, gradient_ratio, high_frequency_ratio, kspace_consistency_error
 
-METRICS = ("nrmse", "psnr", "ssim", "nrmse_mask", "psnr_mask", "ssim_mask", "kspace_error")
+#: The evaluation compares maps in model space (HR ⊙ M divided by the per-map intensity scale of its LR input).
+MODEL_UNITS = "normalised units"
+METRICS = ("nrmse", "psnr", "ssim", "nrmse_mask", "psnr_mask", "ssim_mask", "kspace_error", "gradient_ratio",
+           "high_frequency_ratio")
 
 
 def lr_size_for(scale: float, size: int = 64) -> int:
@@ -220,8 +223,11 @@ def dataset_fingerprint(data_dir: Path, patient_ids: Sequence[str]) -> str:
 
 
 def map_metrics(data: ScaleData, i: int, out: np.ndarray) -> dict[str, float]:
-    """Published metrics on the whole map (tile), their in-mask variants and the k-space consistency error."""
+    """Published metrics on the whole map (tile), their in-mask variants, the k-space consistency error and the
+    two sharpness ratios (1 = as sharp as the truth)."""
     row = {k: float("nan") for k in METRICS}
     row.update(metrics.all_metrics(data.gt[i], out, data.mask[i]))
     row["kspace_error"] = data.kspace_error(i, out)
+    row["gradient_ratio"] = gradient_ratio(data.gt[i], out, data.mask[i])
+    row["high_frequency_ratio"] = data.high_frequency_ratio(i, out)
     return row

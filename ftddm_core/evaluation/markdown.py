@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 GAP_PROBES = (("more solver steps: K = 50 − K = 10", "ftddm_dpmpp_50", REFERENCE),
               ("stochastic chain from the same flow start: ancestral Ttrunc − K = 10", "ftddm_anc_100", REFERENCE),
               ("the flow start itself: flow only − zero-filling", "flow_only", "zero_filled"))
-METHOD_METRICS = ("nrmse", "psnr", "ssim", "nrmse_mask", "psnr_mask", "ssim_mask", "kspace_error")
+METHOD_METRICS = ("nrmse", "psnr", "ssim", "nrmse_mask", "psnr_mask", "ssim_mask", "kspace_error", "gradient_ratio",
+                  "high_frequency_ratio")
 
 
 def report_markdown(ctx: ReportContext, method_rows, gt_kspace, tests, study_out, study_notes, figs,
@@ -100,7 +101,7 @@ def _methods(ctx, method_rows, gt_kspace, figs, rel) -> list[str]:
     L = ["", prose.METHODS_HEADING, "", prose.METHODS_LEGEND]
     lpips = ["LPIPS"] if ctx.has_lpips else []
     cols = ["method", "model", "NFE", "flow", "s/map", "params", "NRMSE", "PSNR", "SSIM", "NRMSE (M)", "PSNR (M)",
-            "SSIM (M)", "k-space err"] + lpips
+            "SSIM (M)", "k-space err", "∇ ratio", "HF ratio"] + lpips
     for s in ctx.opts.scales:
         rows = [r for r in method_rows if r["scale"] == s]
         if not rows:
@@ -110,7 +111,7 @@ def _methods(ctx, method_rows, gt_kspace, figs, rel) -> list[str]:
                  f"{r['parameters']:,}"] + [pm(r[f"{k}_mean"], r[f"{k}_std"], DIGITS[k]) for k in METHOD_METRICS]
                 + ([pm(r["lpips_mean"], r["lpips_std"], 4)] if lpips else []) for r in rows]
         gm, gsd, _ = gt_kspace[s]
-        body.append([prose.GROUND_TRUTH_ROW] + ["–"] * 11 + [pm(gm, gsd, 4)] + (["–"] if lpips else []))
+        body.append([prose.GROUND_TRUTH_ROW] + ["–"] * 11 + [pm(gm, gsd, 4), "1", "1"] + (["–"] if lpips else []))
         L.append(md_table(cols, body))
     if ctx.skipped:
         L += ["", prose.SKIPPED, ""] + [f"- `{k}`: {v}" for k, v in ctx.skipped.items()]

@@ -46,7 +46,8 @@ METHODS_HEADING = "## Methods"
 METHODS_LEGEND = ("NFE = UNet evaluations per sample chain (a chain from index t evaluates t + 1 times, the last "
                   "giving x̂0); flow = flow passes per chain; s/map = wall seconds per map for all its samples "
                   "(batched, see notes); params = parameters of the networks the method uses. Metrics: mean ± std "
-                  "over maps.")
+                  "over maps. Sharpness: ∇ ratio = mean |∇ output| / mean |∇ truth| inside M, HF ratio = k-space "
+                  "energy outside the measured block, output / truth (1 = as sharp as the truth, < 1 smoother).")
 SCALE_HEADING = "### s = {scale:g} ({lr_text}, {n} maps)"
 GROUND_TRUTH_ROW = "*ground truth (reference)*"
 SKIPPED = "Skipped methods:"
@@ -71,8 +72,15 @@ T_TRUNC = ("Ancestral FTDDM from different Ttrunc (0 = flow only). Indices below
 CALIBRATION_HEADING = "### Uncertainty calibration"
 CALIBRATION = ("Per-voxel std over {samples} samples of `{reference}` vs absolute error |mean − GT|, voxels in M. A "
                "calibrated std has RMSE ≈ std in every bin (identity line of the reliability plot).")
+CALIBRATION_FITTED = ("c = {c:.4g} is the model file's uncertainty calibration (σ-scaling, ftddm_core.uncertainty), "
+                      "fitted on {fitted_on} with {samples} samples per map, never on these test maps: the "
+                      "uncertainty map `ftddm super-resolve` writes is c × std. It rescales the map, it does not "
+                      "change Pearson r or Spearman ρ.")
+CALIBRATION_NONE = "The model file has no uncertainty calibration (c = 1: the map is the raw std of the samples)."
 PANELS_HEADING = "## Qualitative panels"
-PANELS = "The map with the largest mask per scale; colour range 0 … max of the ground truth (model space)."
+PANELS = ("The map with the largest mask per scale, in model space (normalised units: HR ⊙ M over the map's "
+          "intensity scale); maps on 0 … max of the ground truth, the signed error and the calibrated uncertainty "
+          "on one stated scale ±x / 0 … x.")
 NOTES_HEADING = "## Notes: what is approximate, and how to read this report"
 FILES_HEADING = "## Files"
 FILES = ("`methods.csv` (one row per method and scale), `per_map.csv` (every metric of every map), `wilcoxon.csv`, "

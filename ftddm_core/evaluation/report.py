@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__, figures
 from ..atomic import atomic_write_text
-from .maps import METRICS, ScaleData
+from .maps import METRICS, MODEL_UNITS, ScaleData
 from .markdown import report_markdown
 from .methods import HEADLINE_DDPM, MODEL_ROLES, NFE_FACTOR, REFERENCE, SSIM_MARGIN, RunSpec, parameters_of
 from .options import EvaluateOptions
@@ -114,8 +114,12 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
     for s in opts.scales:
         cols = _panel_columns(ctx, s)
         if len(cols) > 1:
+            d = ctx.data[s]
+            pid, z, met = d.ids[panel_map(d)]
             figs[f"panels_s{s:g}"] = figures.panels(cols, fig_dir / f"panels_s{s:g}.png",
-                                                    title=f"s = {s:g} ({_panel_lr_text(ctx.data[s])})")
+                                                    title=f"s = {s:g} ({_panel_lr_text(d)})", units=MODEL_UNITS,
+                                                    metabolite=met, slice_label=f"{pid} slice {z}",
+                                                    mask=d.mask[panel_map(d)])
 
     headline = headline_answer(method_rows, tests, ctx)
     text = report_markdown(ctx, method_rows, gt_kspace, tests, study_out, study_notes, figs, headline)
@@ -147,21 +151,28 @@ def _panel_lr_text(d: ScaleData) -> str:
 PANEL_METHODS = ("zero_filled", "bicubic", "regression", "flow_only", HEADLINE_DDPM, "ftddm_anc_100", REFERENCE)
 
 
+def panel_map(d: ScaleData) -> int:
+    """The map shown in the panels: the one with the largest mask."""
+    return int(np.argmax(d.mask.reshape(len(d.ids), -1).sum(1)))
+
+
 def _panel_columns(ctx: ReportContext, s: float) -> list[tuple[str, np.ndarray, str]]:
-    """(title, image, colour role) columns for the map with the largest mask at scale s."""
+    """(title, image, colour role) columns for the panel map at scale s (model space: HR·M / norm)."""
     d = ctx.data[s]
     if not d.ids:
         return []
-    i = int(np.argmax(d.mask.reshape(len(d.ids), -1).sum(1)))
-    pid, z, met = d.ids[i]
-    cols = [(f"ground truth\n{met} {pid} z{z}", d.gt[i], "map")]
+    i = panel_map(d)
+    cols = [("ground truth", d.gt[i], "map")]
     for name in PANEL_METHODS:
         if name in ctx.methods:
             cols.append((_short(ctx.methods[name].label), ctx.result(name, s)["mean"][i], "map"))
     if REFERENCE in ctx.methods:
         ref = ctx.result(REFERENCE, s)
-        cols.append(("|FTDDM − GT|", np.abs(ref["mean"][i] - d.gt[i]), "error"))
-        cols.append((f"FTDDM std ({ref['samples']} samples)", ref["std"][i], "error"))
+        fitted = ctx.models["main"].model.uncertainty_calibration
+        c = fitted.scale if fitted is not None else 1.0
+        cols.append(("FTDDM − GT", ref["mean"][i] - d.gt[i], "error"))
+        cols.append((f"FTDDM uncertainty\n({c:.3g} × std, {ref['samples']} samples)", c * ref["std"][i],
+                     "uncertainty"))
     return cols
 
 

@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr, wilcoxon
 from .. import kspace
 from .methods import REFERENCE
 
-TEST_METRICS = ("ssim", "psnr", "nrmse")
+TEST_METRICS = ("ssim", "psnr", "nrmse", "gradient_ratio")
 CALIBRATION_BINS = 10
 MapId = tuple[str, int, str]  # (patient, slice, metabolite)
 

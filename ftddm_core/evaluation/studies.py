@@ -13,9 +13,10 @@ import numpy as np
 
 from .. import figures
 from . import prose
+from .maps import MODEL_UNITS
 from .methods import HEADLINE_DDPM, REFERENCE, RunSpec
 from .options import EvaluateOptions
-from .stats import calibration, finite_stats, gradient_ratio
+from .stats import calibration
 from .tables import md_table, mean_metric, num, write_csv
 
 if TYPE_CHECKING:
@@ -93,13 +94,10 @@ class TauDStudy(Study):
                 notes.append(f"τ_d = {spec.tau_d:g} skipped: {why}")
                 continue
             for s in self.opts.scales:
-                d, res, mrows = ctx.data[s], ctx.result(spec.name, s), ctx.metric_rows(spec.name, s)
-                grad = [gradient_ratio(d.gt[i], res["mean"][i], d.mask[i]) for i in range(len(d.ids))]
-                hf = [d.high_frequency_ratio(i, res["mean"][i]) for i in range(len(d.ids))]
+                res, mrows = ctx.result(spec.name, s), ctx.metric_rows(spec.name, s)
                 rows.append({"scale": s, "tau_d": spec.tau_d, "nfe": res["nfe"], "samples": res["samples"],
-                             "psnr": mean_metric(mrows, "psnr"), "ssim": mean_metric(mrows, "ssim"),
-                             "nrmse": mean_metric(mrows, "nrmse"), "gradient_ratio": finite_stats(grad)[0],
-                             "high_frequency_ratio": finite_stats(hf)[0]})
+                             **{k: mean_metric(mrows, k) for k in ("psnr", "ssim", "nrmse", "gradient_ratio",
+                                                                   "high_frequency_ratio")}})
         return rows, notes
 
     def figure(self, rows, ctx, path):
@@ -217,15 +215,19 @@ class CalibrationStudy(Study):
         if self.opts.samples < 2:
             return [], [f"skipped: per-voxel std needs --samples ≥ 2 (got {self.opts.samples})"]
         rows = []
+        fitted = ctx.models["main"].model.uncertainty_calibration
+        c = fitted.scale if fitted is not None else 1.0
         for s in self.opts.scales:
             d, res = ctx.data[s], ctx.result(self.spec.name, s)
             err = np.abs(res["mean"] - d.gt)[d.mask]
             rows.append({"scale": s, "method": self.spec.name, "samples": res["samples"],
-                         **calibration(err, res["std"][d.mask])})
-        return rows, []
+                         **calibration(err, res["std"][d.mask]), "calibration_scale": c})
+        notes = [prose.CALIBRATION_FITTED.format(c=c, fitted_on=fitted.fitted_on, samples=fitted.samples)
+                 if fitted is not None else prose.CALIBRATION_NONE]
+        return rows, notes
 
     def figure(self, rows, ctx, path):
-        return figures.calibration_plot(rows, path)
+        return figures.calibration_plot(rows, path, units=MODEL_UNITS)
 
     def write_csvs(self, out_dir, rows):
         write_csv(out_dir / "study_calibration.csv", [{k: v for k, v in r.items() if k != "bins"} for r in rows])
@@ -235,10 +237,14 @@ class CalibrationStudy(Study):
         return prose.CALIBRATION.format(samples=self.opts.samples, reference=REFERENCE)
 
     def table(self, rows):
-        return [md_table(["s", "voxels", "Pearson r", "Spearman ρ", "RMSE", "mean std", "RMSE / mean std"],
+        def ratio(r, c=1.0):
+            return num(r["rmse"] / (c * r["mean_std"]), 3) if r["mean_std"] > 0 else "–"
+
+        return [md_table(["s", "voxels", "Pearson r", "Spearman ρ", "RMSE", "mean std", "RMSE / mean std", "c",
+                          "RMSE / (c · mean std)"],
                          [[f"{r['scale']:g}", r["n"], num(r["pearson"], 3), num(r["spearman"], 3), num(r["rmse"]),
-                           num(r["mean_std"]), num(r["rmse"] / r["mean_std"], 3) if r["mean_std"] > 0 else "–"]
-                          for r in rows])]
+                           num(r["mean_std"]), ratio(r), num(r["calibration_scale"], 3),
+                           ratio(r, r["calibration_scale"])] for r in rows])]
 
 
 STUDY_TYPES: dict[str, Callable[..., Study]] = {

@@ -11,7 +11,7 @@ from ..atomic import atomic_write
 from .stats import finite_stats
 
 DIGITS = {"nrmse": 4, "psnr": 2, "ssim": 4, "nrmse_mask": 4, "psnr_mask": 2, "ssim_mask": 4, "kspace_error": 4,
-          "lpips": 4}
+          "gradient_ratio": 3, "high_frequency_ratio": 3, "lpips": 4}
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
