@@ -25,7 +25,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from MRSISuperResolutionLib import dependencies, engine_directory, geometry, inputs, mrml, resultviews, runner
-from MRSISuperResolutionLib.options import SuperResolveOptions, node_parameters, options_from_node
+from MRSISuperResolutionLib.options import TRAINED_SCALES, SuperResolveOptions, node_parameters, options_from_node
 from MRSISuperResolutionLib.readerstudylogic import ReaderStudyDisplay
 from MRSISuperResolutionLib.readerstudywidget import ReaderStudyPanel, defaultStudyFolder, isUnsetFolder
 from MRSISuperResolutionLib.runhandle import RunHandle
@@ -259,10 +259,11 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                        _("Select the MRSI map, T1 and FLAIR."))
         self.ui.modelPathLineEdit.enabled = not p.useDefaultModel
         self.ui.scaleSpinBox.enabled = not p.autoScale
+        self.ui.factorSpinBox.enabled = not p.autoFactor
         maps = self.logic.mrsiInputs(p.mrsiVolume, p.allMetabolites, [p.t1Volume, p.flairVolume, p.maskVolume])
         self.ui.metabolitesListLabel.text = (_("Maps: {names}").format(names=", ".join(n.GetName() for n in maps))
                                              if maps else "")
-        self._updateDetectedScale(p)
+        self._updateOutputGrid(p)
         self._updateRerunOffer(p)
         hasResult = p.srVolume is not None
         self.ui.showOverlayButton.enabled = hasResult and not reading
@@ -271,18 +272,16 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             getattr(self.ui, name).enabled = not running and not reading
         self.ui.readerCollapsibleButton.enabled = not running
 
-    def _updateDetectedScale(self, p):
-        if not p.mrsiVolume or p.mrsiVolume.GetImageData() is None:
-            return
-        try:
-            axis, matrix, factor = self.logic.detectedFactor(p.mrsiVolume)
-        except ValueError as error:
-            self.ui.statusLabel.text = str(error)
-            return
-        self.ui.autoScaleCheckBox.text = _("Detect the upscaling factor from the input ({matrix}² → 64², s = {s:.2f})"
-                                           ).format(matrix=matrix, s=factor)
-        if p.autoScale and abs(p.scale - factor) > 1e-9:  # detection refuses factors outside the trained range
-            p.scale = factor
+    def _updateOutputGrid(self, p):
+        """Show the grid the run will produce (or what to change when there is none); an automatic s follows it."""
+        hasMap = p.mrsiVolume is not None and p.mrsiVolume.GetImageData() is not None
+        text, grid = self.logic.outputGridSummary(p) if hasMap else (_("Select the MRSI map to see its output grid."),
+                                                                      None)
+        self.ui.outputGridLabel.text = text
+        self.ui.autoScaleCheckBox.text = (_("Condition on the output grid's factor (s = {s:.2f})").format(s=grid.scale)
+                                          if grid else _("Condition on the output grid's factor"))
+        if grid is not None and p.autoScale and abs(p.scale - grid.scale) > 1e-9:
+            p.scale = grid.scale
 
     def _updateRerunOffer(self, p):
         changed = p.lastRunTauD >= 0 and abs(p.tauD - p.lastRunTauD) > 1e-9 and self._run is None
@@ -479,10 +478,34 @@ class MRSISuperResolutionLogic(ScriptedLoadableModuleLogic):
         return [mrsiNode, *others]
 
     @staticmethod
-    def detectedFactor(mrsiNode):
-        """(slice axis, LR in-plane matrix, upscaling factor) the engine will use for this MRSI node."""
+    def detectedGrid(mrsiNode, parameters=None):
+        """geometry.OutputGrid the engine will produce for this MRSI node with these SuperResolveOptions
+        (factor, slice_axis, force); ValueError (the engine's message) where the engine would refuse it."""
+        params = parameters or SuperResolveOptions()
         shape = mrsiNode.GetImageData().GetDimensions()
-        return geometry.detect_upscaling_factor(shape, mrml.node_world_affine(mrsiNode))
+        return geometry.output_grid(shape, mrml.node_world_affine(mrsiNode), params.factor,
+                                    slice_axis=params.slice_axis, force=params.force)
+
+    def outputGridSummary(self, p):
+        """(text for the Output grid label, geometry.OutputGrid or None) for the node's MRSI map and settings:
+        "LR m1×m2 → n1×n2 in-plane, s = …", or what to change when the engine would refuse the grid."""
+        params = self.parametersFromNode(p)
+        try:
+            grid = self.detectedGrid(p.mrsiVolume, params)
+        except ValueError as error:
+            if params.factor:
+                return str(error), None
+            low, high = TRAINED_SCALES
+            example = self.detectedGrid(p.mrsiVolume, dataclasses.replace(params, factor=low))
+            smallest, largest = geometry.AUTOMATIC_MATRICES
+            return _("LR {m1}×{m2} has no automatic output grid: only a square matrix of {smallest}×{smallest} … "
+                     "{largest}×{largest} goes onto {n}×{n}. Untick “Automatic” under Output grid and set the "
+                     "output factor F ({low:g} … {high:g}); F = {low:g} gives {n1}×{n2}.").format(
+                         m1=example.lr_inplane[0], m2=example.lr_inplane[1], smallest=smallest, largest=largest,
+                         n=geometry.MODEL_SIZE, low=low, high=high, n1=example.inplane[0], n2=example.inplane[1]), None
+        (m1, m2), (n1, n2) = grid.lr_inplane, grid.inplane
+        return _("LR {m1}×{m2} → {n1}×{n2} in-plane, s = {s:.2f}").format(m1=m1, m2=m2, n1=n1, n2=n2,
+                                                                           s=grid.scale), grid
 
     @staticmethod
     def parametersFromNode(p):

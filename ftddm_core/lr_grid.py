@@ -1,6 +1,6 @@
 """Rules on the low-resolution MRSI grid that the engine (volume.py) and the Slicer module share: the slice
-axis, the trained LR matrix range and the --factor check. Standard library only (the Slicer module imports it
-before the engine's packages are installed); arguments are plain sequences, not Volumes.
+axis, the trained LR matrix range, the --factor check and the in-plane output matrix. Standard library only
+(the Slicer module imports it before the engine's packages are installed); arguments are plain sequences.
 """
 from __future__ import annotations
 
@@ -130,3 +130,19 @@ def check_factor(factor: float, scale_range=(2.0, 8.0), *, force: bool = False) 
         raise ValueError(f"--factor {factor:g} is outside the model's trained range {lo:g} … {hi:g}; "
                          "pick a factor inside it, or pass --force to run anyway")
     return float(factor)
+
+
+def inplane_target(lr_inplane, model_size: int = 64, *, factor: float = 0.0, scale_range=(2.0, 8.0),
+                   force: bool = False, name: str | None = None) -> tuple[float, tuple[int, int]]:
+    """(requested F, output in-plane matrix (n1, n2)) of an m1×m2 LR matrix: F > 0 → each axis round(F·m);
+    F = 0 → model_size² for a square matrix in the trained range (default_factor), refused otherwise."""
+    if factor:
+        requested = check_factor(factor, scale_range, force=force)
+        return requested, tuple(refined_size(int(m), requested) for m in lr_inplane)
+    return default_factor(lr_inplane, model_size, scale_range, force=force, name=name), (model_size, model_size)
+
+
+def realised_factor(lr_inplane, inplane) -> float:
+    """s = √((n1/m1)·(n2/m2)): one number for the model's conditioning when round() makes the two axes differ."""
+    r1, r2 = (n / m for n, m in zip(inplane, lr_inplane))
+    return r1 if r1 == r2 else math.sqrt(r1 * r2)

@@ -124,11 +124,15 @@ class SuperResolveOptions:
         return self.sampler in NOISY_SAMPLERS
 
     def cli_arguments(self) -> list[str]:
-        """Flags for `ftddm super-resolve` (every field, so a run never depends on CLI defaults)."""
+        """Flags for `ftddm super-resolve`: every field (so a run never depends on CLI defaults) but those left
+        automatic (factor 0, scale 0, slice_axis −1), whose flags default to that same value (generated from this
+        class): the command line shows only the factors and the axis the user set."""
         self.validate()
         args = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata["automatic"] is not None and value == f.metadata["automatic"]:
+                continue
             if isinstance(value, bool):
                 args.append(cli_flag(f.name) if value else "--no-" + cli_flag(f.name)[2:])
             else:

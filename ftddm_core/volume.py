@@ -44,7 +44,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import kspace, prep
-from .lr_grid import FOV_RTOL, check_axis, check_factor, default_factor, inplane_axes, refined_size, slice_axis_rule
+from .lr_grid import FOV_RTOL, check_axis, inplane_axes, inplane_target, realised_factor, slice_axis_rule
+from .lr_grid import refined_size  # noqa: F401 (re-exported: volume.refined_size)
 from .nifti import is_nifti, read_nifti, save_nifti
 
 #: RAS ↔ LPS: negate x and y.
@@ -361,12 +362,6 @@ def _refine_axes(affine: np.ndarray, shape: tuple, new_sizes: dict) -> tuple[np.
     return out, tuple(shape)
 
 
-def realised_factor(lr_inplane, inplane) -> float:
-    """s = √((n1/m1)·(n2/m2)): one number for the model's conditioning when round() makes the two axes differ."""
-    r1, r2 = (n / m for n, m in zip(inplane, lr_inplane))
-    return r1 if r1 == r2 else math.sqrt(r1 * r2)
-
-
 def target_grid(lr: Volume, axis: int, model_size: int = 64, *, factor: float = 0.0, scale_range=(2.0, 8.0),
                 force: bool = False) -> ModelGrid:
     """The output grid of an LR volume; direction, field of view and slice axis kept, sample-aligned (module doc).
@@ -377,12 +372,8 @@ def target_grid(lr: Volume, axis: int, model_size: int = 64, *, factor: float = 
     """
     axes = inplane_axes(axis)
     lr_inplane = tuple(int(lr.shape[a]) for a in axes)
-    if factor:
-        requested = check_factor(factor, scale_range, force=force)
-        inplane = tuple(refined_size(m, requested) for m in lr_inplane)
-    else:
-        requested = default_factor(lr_inplane, model_size, scale_range, force=force, name=lr.name)
-        inplane = (model_size, model_size)
+    requested, inplane = inplane_target(lr_inplane, model_size, factor=factor, scale_range=scale_range, force=force,
+                                        name=lr.name)
     affine, shape = _refine_axes(lr.affine, lr.shape, dict(zip(axes, inplane)))
     return ModelGrid(affine, shape, realised_factor(lr_inplane, inplane), axis, lr_inplane, inplane, requested)
 

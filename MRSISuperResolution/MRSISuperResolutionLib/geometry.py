@@ -4,10 +4,13 @@ The slice-axis rule and the LR matrix check are the engine's own (ftddm_core.lr_
 Conventions (shared with ftddm_core.volume):
 * Slicer arrays (``slicer.util.arrayFromVolume``) are indexed [k, j, i]; NIfTI/ftddm arrays are (i, j, k).
 * An affine is the 4×4 voxel (i, j, k, 1) → RAS (mm) matrix, i.e. Slicer's IJKToRAS matrix and the NIfTI sform.
-* The engine's output grid keeps the direction and the origin of the LR grid (sample-aligned centred-FFT
-  zero-fill, see ftddm_core/volume.py) with in-plane spacing / s, s = model size / LR in-plane matrix.
+* The engine's output grid keeps the direction and the field of view of the LR grid (sample-aligned centred-FFT
+  zero-fill, see ftddm_core/volume.py): each in-plane axis m → round(F·m) with --factor F, or a square m×m
+  matrix → model size² by default (lr_grid.inplane_target, the engine's rule).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,6 +18,7 @@ from ftddm_core import lr_grid
 from ftddm_core.options import TRAINED_SCALES
 
 MODEL_SIZE = 64  # in-plane matrix of the engine's model grid
+AUTOMATIC_MATRICES = lr_grid.lr_matrix_range(MODEL_SIZE, TRAINED_SCALES)  # square m×m the automatic grid takes
 
 
 def kji_to_ijk(array: np.ndarray) -> np.ndarray:
@@ -80,13 +84,39 @@ def detect_slice_axis(shape, affine) -> int:
     return lr_grid.slice_axis_rule(shape, spacing(affine), direction(affine)[2])
 
 
+@dataclass(frozen=True)
+class OutputGrid:
+    """The in-plane output grid the engine will produce (ftddm_core.volume.target_grid's, without the affine)."""
+
+    axis: int  # slice axis
+    lr_inplane: tuple[int, int]  # (m1, m2) along lr_grid.inplane_axes(axis)
+    inplane: tuple[int, int]  # (n1, n2)
+    factor: float  # F: the requested factor (--factor), or model_size/m by default
+    scale: float  # s the model is conditioned on when automatic: √(n1/m1·n2/m2), = F unless round() is inexact
+
+
+def lr_inplane(shape, affine, slice_axis: int = -1) -> tuple[int, tuple[int, int]]:
+    """(slice axis, LR in-plane matrix (m1, m2)): the detected slice axis unless slice_axis is 0, 1 or 2."""
+    axis = detect_slice_axis(shape, affine) if slice_axis < 0 else lr_grid.check_axis(slice_axis)
+    return axis, tuple(int(shape[a]) for a in lr_grid.inplane_axes(axis))
+
+
+def output_grid(shape, affine, factor: float = 0.0, *, model_size: int = MODEL_SIZE, slice_axis: int = -1,
+                force: bool = False) -> OutputGrid:
+    """The grid `ftddm super-resolve --factor F` (0: automatic) makes of this LR grid, by the engine's rule
+    (lr_grid.inplane_target); ValueError (the engine's message) where the engine refuses it."""
+    axis, matrix = lr_inplane(shape, affine, slice_axis)
+    requested, inplane = lr_grid.inplane_target(matrix, model_size, factor=factor, scale_range=TRAINED_SCALES,
+                                                force=force)
+    return OutputGrid(axis, matrix, inplane, requested, lr_grid.realised_factor(matrix, inplane))
+
+
 def detect_upscaling_factor(shape, affine, model_size: int = MODEL_SIZE,
                             slice_axis: int = -1) -> tuple[int, int, float]:
     """(slice axis, LR in-plane matrix m, factor s = model_size / m) the engine will use for this grid without
     a factor F: a square m×m in-plane matrix in the trained range; ValueError (the engine's) otherwise."""
-    axis = detect_slice_axis(shape, affine) if slice_axis < 0 else lr_grid.check_axis(slice_axis)
-    inplane = [int(shape[a]) for a in lr_grid.inplane_axes(axis)]
-    return axis, inplane[0], lr_grid.default_factor(inplane, model_size, TRAINED_SCALES)
+    grid = output_grid(shape, affine, model_size=model_size, slice_axis=slice_axis)
+    return grid.axis, grid.lr_inplane[0], grid.scale
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, rtol: float = 1e-4) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ftddm_core.options import SuperResolveOptions
+from ftddm_core.options import TRAINED_SCALES, SuperResolveOptions  # noqa: F401 (TRAINED_SCALES: for the GUI)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,33 @@ def test_slice_axis_and_factor_agree_with_the_engine(shape):
             assert geometry.detect_upscaling_factor(shape, affine) == (axis, grid.lr_matrix, grid.factor)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_grid_with_a_factor_agrees_with_the_engine(shape):
+    """Any in-plane matrix with F: the same (m1, m2) → (n1, n2) and realised s as ftddm_core.volume.target_grid."""
+    vol = pytest.importorskip("ftddm_core.volume")
+    rng = np.random.default_rng(7 + sum(shape))
+    affine = random_affine(rng, spacing=rng.choice([3.4, 6.8, 10.0], 3), oblique=True)
+    axis = geometry.detect_slice_axis(shape, affine)
+    for factor in (2.0, 2.5, 3.0, 7.5):
+        engine = vol.target_grid(vol.Volume(np.ones(shape, np.float32), affine), axis, 64, factor=factor)
+        ours = geometry.output_grid(shape, affine, factor)
+        assert (ours.axis, ours.lr_inplane, ours.inplane, ours.factor, ours.scale) == \
+            (engine.axis, engine.lr_inplane, engine.inplane, engine.requested_factor, engine.factor)
+        assert all(n == int(np.floor(factor * m + 0.5)) for m, n in zip(ours.lr_inplane, ours.inplane))
+
+
+def test_output_grid_of_a_rectangular_scan_and_the_automatic_refusal():
+    affine = np.diag([10.0, 10.0, 20.0, 1.0])
+    grid = geometry.output_grid((24, 20, 4), affine, 3.0)
+    assert (grid.axis, grid.lr_inplane, grid.inplane, grid.scale) == (2, (24, 20), (72, 60), 3.0)
+    with pytest.raises(ValueError, match="not square"):
+        geometry.output_grid((24, 20, 4), affine)
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        geometry.output_grid((24, 20, 4), affine, 9.0)
+    assert geometry.output_grid((24, 20, 4), affine, 9.0, force=True).inplane == (216, 180)
+    assert geometry.AUTOMATIC_MATRICES == (8, 32)  # 64/8 … 64/2
+
+
 def test_factor_rejects_high_resolution_inputs_and_honours_override():
     assert geometry.detect_upscaling_factor((16, 16, 8), np.eye(4)) == (2, 16, 4.0)
     assert geometry.detect_upscaling_factor((16, 16, 16), np.eye(4), slice_axis=0) == (0, 16, 4.0)

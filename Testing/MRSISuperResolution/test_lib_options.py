@@ -39,6 +39,7 @@ def test_factor_reaches_the_engine_parser_set_or_automatic():
         cmd = super_resolve_command(["py"], "/e", ["a.nii"], "t", "f", "o",
                                     parameters=SuperResolveOptions(factor=factor))
         assert parse_with_engine(cmd[cmd.index("super-resolve"):]).factor == factor
+        assert ("--factor" in cmd) == bool(factor)  # automatic: left to the flag's default, which is automatic
     for ok in (0.0, 2.0, 8.0):
         SuperResolveOptions(factor=ok).validate()
 

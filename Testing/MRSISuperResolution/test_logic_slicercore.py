@@ -103,7 +103,8 @@ def patient(scene, sample_patient):
 
 def test_process_blocking_returns_output_nodes_on_the_model_grid(module, scene, patient, tiny_model):
     logic = module.MRSISuperResolutionLogic()
-    assert logic.detectedFactor(patient["NAA"]) == (2, 16, 4.0)
+    grid = logic.detectedGrid(patient["NAA"])
+    assert (grid.axis, grid.lr_inplane, grid.inplane, grid.scale) == (2, (16, 16), (64, 64), 4.0)
     maps = logic.mrsiInputs(patient["NAA"], True, [patient["T1"], patient["FLAIR"]])
     assert [n.GetName() for n in maps] == ["Synthetic_NAA", "Synthetic_tCho"]
     outs = logic.process(maps, patient["T1"], patient["FLAIR"], modelPath=str(tiny_model), steps=1, samples=2,

@@ -137,6 +137,27 @@ def test_ui_widgets_bind_to_parameter_fields_of_compatible_types():
         assert COMPATIBLE[cls](fields[parameter]), f"{parameter}: {cls} cannot show {fields[parameter]}"
 
 
+def test_output_grid_controls_bind_factor_and_autoFactor_with_the_trained_range():
+    """The Output grid row: a checkbox on autoFactor, a spin box on factor whose range is the node's WithinRange
+    (the engine's trained F range, so the GUI offers exactly what a run accepts without --force)."""
+    from ftddm_core.options import TRAINED_SCALES
+
+    _, widgets = ui_widgets()
+    fields = parameter_fields()
+
+    def props(name):
+        return {p.get("name"): p[0].text for p in widgets[name].findall("property")}
+
+    checkbox, spin = props("autoFactorCheckBox"), props("factorSpinBox")
+    assert (widgets["autoFactorCheckBox"].get("class"), checkbox["SlicerParameterName"]) == ("QCheckBox", "autoFactor")
+    assert (widgets["factorSpinBox"].get("class"), spin["SlicerParameterName"]) == ("QDoubleSpinBox", "factor")
+    assert fields["autoFactor"] == "bool"
+    assert fields["factor"] == "Annotated[float, WithinRange(%r, %r)]" % tuple(map(float, TRAINED_SCALES))
+    assert (float(spin["minimum"]), float(spin["maximum"])) == tuple(TRAINED_SCALES)
+    assert float(spin["singleStep"]) == 0.5 and "round(F·m)" in spin["toolTip"]
+    assert "64×64" in checkbox["text"] and "outputGridLabel" in widgets
+
+
 def test_node_selectors_are_wired_to_the_scene_and_typed():
     root, widgets = ui_widgets()
     receivers = {c.findtext("receiver") for c in root.iter("connection")

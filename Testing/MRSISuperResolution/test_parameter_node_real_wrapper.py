@@ -26,6 +26,11 @@ if REAL_SLICER is None or not (REAL_SLICER / "parameterNodeWrapper" / "wrapper.p
                 "repository); these tests need them", allow_module_level=True)
 
 from ftddm_core.options import SAMPLERS, option  # noqa: E402
+
+try:  # imported before the fixture puts Qt stand-ins in sys.modules (torch's import inspects every module)
+    from ftddm_core import volume as engine_volume
+except ModuleNotFoundError:  # no torch: the comparisons with the engine's target grid are skipped
+    engine_volume = None
 from MRSISuperResolutionLib.options import SuperResolveOptions, node_parameters, options_from_node  # noqa: E402
 
 REAL_MODULES = ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule")
@@ -287,3 +292,113 @@ def test_module_descriptor_builds_with_the_real_base_class(real):
     assert "Research use only" in parent.helpText and "synthetic" in parent.helpText
     assert "https://example.invalid/MRSISuperResolution" in parent.helpText  # the base class's link, appended
     assert slicer.selfTests["MRSISuperResolution"]  # registered by the real base class for Reload and Test
+
+
+# --- output grid (autoFactor / factor): label, the widget's controls and the run's command line ------------------
+def _mrsi_node(shape, spacing, name="MRSI"):
+    """A scalar volume of (i, j, k) shape `shape` with voxel size `spacing` (mm), as Slicer loads an MRSI map."""
+    import numpy as np
+
+    data = np.random.default_rng(sum(shape)).random(shape[::-1]).astype(np.float32)  # Slicer arrays are [k, j, i]
+    return slicer.util.addVolumeFromArray(data, np.diag([*spacing, 1.0]), name=name)
+
+
+def _engine_grid(node, factor):
+    """The engine's own target grid (ftddm_core.volume.target_grid) of the node's array and geometry."""
+    if engine_volume is None:
+        pytest.skip("needs the engine's packages (torch)")
+    from MRSISuperResolutionLib import geometry, mrml
+
+    data, affine = mrml.volume_arrays(node)
+    lr = engine_volume.Volume(data, affine)
+    return engine_volume.target_grid(lr, geometry.detect_slice_axis(data.shape, affine), 64, factor=factor)
+
+
+class _Shown:
+    """What a Qt widget shows: any attribute can be set; setVisible is recorded."""
+
+    def setVisible(self, visible):
+        self.visible = visible
+
+
+class _Ui:
+    def __getattr__(self, name):
+        widget = _Shown()
+        setattr(self, name, widget)
+        return widget
+
+
+def _widget_showing(real, node):
+    """The module's widget with a recording stand-in for its .ui, after one real _updateGui(node)."""
+    widget = real.module.MRSISuperResolutionWidget.__new__(real.module.MRSISuperResolutionWidget)
+    widget.ui, widget.logic, widget._run, widget.readerPanel = _Ui(), real.module.MRSISuperResolutionLogic(), None, None
+    widget._updateGui(node)
+    return widget
+
+
+def test_output_grid_label_and_controls_follow_the_engine_for_square_and_rectangular_maps(real, node):
+    import math
+
+    node.mrsiVolume = _mrsi_node((16, 16, 6), (10.0, 10.0, 20.0))
+    widget = _widget_showing(real, node)
+    assert widget.ui.outputGridLabel.text == "LR 16×16 → 64×64 in-plane, s = 4.00"
+    assert widget.ui.factorSpinBox.enabled is False and widget.ui.scaleSpinBox.enabled is False
+    assert node.scale == _engine_grid(node.mrsiVolume, 0.0).factor == 4.0  # automatic s follows the grid
+
+    node.mrsiVolume = _mrsi_node((24, 20, 4), (10.0, 10.0, 20.0), "rect")  # a real rectangular scan at 10 mm
+    node.autoFactor, node.factor = False, 3.0
+    widget = _widget_showing(real, node)
+    engine = _engine_grid(node.mrsiVolume, 3.0)
+    assert (engine.lr_inplane, engine.inplane, engine.factor) == ((24, 20), (72, 60), 3.0)
+    assert widget.ui.outputGridLabel.text == "LR 24×20 → 72×60 in-plane, s = 3.00"
+    assert widget.ui.factorSpinBox.enabled is True and node.scale == 3.0
+    assert "s = 3.00" in widget.ui.autoScaleCheckBox.text
+
+    node.mrsiVolume, node.factor = _mrsi_node((21, 15, 4), (6.0, 8.0, 15.0), "odd"), 2.5  # round(F·m) is inexact
+    text, grid = real.module.MRSISuperResolutionLogic().outputGridSummary(node)
+    engine = _engine_grid(node.mrsiVolume, 2.5)
+    assert grid.inplane == engine.inplane == (53, 38) and text.startswith("LR 21×15 → 53×38 in-plane")
+    assert grid.scale == pytest.approx(math.sqrt(53 / 21 * 38 / 15)) and grid.scale == engine.factor
+    _widget_showing(real, node)
+    assert node.scale == grid.scale  # the run would condition on the same s (pipeline: opts.scale or grid.factor)
+
+
+def test_a_non_square_map_with_automatic_on_says_to_set_the_factor(real, node):
+    node.mrsiVolume = _mrsi_node((24, 20, 4), (10.0, 10.0, 20.0))
+    with pytest.raises(ValueError, match="not square"):
+        _engine_grid(node.mrsiVolume, 0.0)  # the engine refuses it too
+    scale_before = node.scale
+    widget = _widget_showing(real, node)
+    text = widget.ui.outputGridLabel.text
+    assert "LR 24×20" in text and "Untick “Automatic” under Output grid" in text and "factor F (2 … 8)" in text
+    assert "F = 2 gives 48×40" in text and "--factor" not in text  # the GUI's control, not the CLI flag
+    assert widget.ui.factorSpinBox.enabled is False and node.scale == scale_before
+    node.autoFactor = False
+    assert _widget_showing(real, node).ui.outputGridLabel.text == "LR 24×20 → 48×40 in-plane, s = 2.00"
+
+
+def test_the_run_passes_factor_exactly_when_automatic_is_off(real, node, tmp_path):
+    """The command the module's run builds (runner.SuperResolveJob.prepare from parametersFromNode), parsed by
+    the real `ftddm super-resolve` parser."""
+    cli = pytest.importorskip("ftddm_core.cli")
+    from MRSISuperResolutionLib import mrml, runner
+
+    mrsi = _mrsi_node((24, 20, 4), (10.0, 10.0, 20.0))
+    pair = mrml.volume_arrays(mrsi)
+
+    def command():
+        job = runner.SuperResolveJob(["python"], "/engine", temp_parent=str(tmp_path))
+        options = real.module.MRSISuperResolutionLogic.parametersFromNode(node)  # what onApplyButton passes
+        try:
+            argv = job.prepare([pair], pair, pair, parameters=options)
+        finally:
+            job.cleanup()
+        return argv[argv.index("super-resolve"):]
+
+    node.autoFactor, node.factor = False, 3.0
+    argv = command()
+    assert argv[argv.index("--factor") + 1] == "3.0" and argv.count("--factor") == 1
+    assert cli.build_parser().parse_args(argv).factor == 3.0
+    node.autoFactor = True
+    argv = command()
+    assert "--factor" not in argv and cli.build_parser().parse_args(argv).factor == 0.0  # the engine's automatic

@@ -70,7 +70,8 @@ class MRSISuperResolutionLogicTest(ScriptedLoadableModuleTest):
         expected = sampledata.mrsi_affine()
         got = mrml.node_world_affine(naa)
         self.assertTrue(abs(got - expected).max() < 1e-3, f"NAA geometry {got} != {expected}")
-        self.assertEqual(MRSISuperResolutionLogic.detectedFactor(naa), (2, 16, 4.0))
+        grid = MRSISuperResolutionLogic.detectedGrid(naa)
+        self.assertEqual((grid.axis, grid.lr_inplane, grid.inplane, grid.scale), (2, (16, 16), (64, 64), 4.0))
         self.delayDisplay("Sample data OK")
 
     def test_process_end_to_end(self):

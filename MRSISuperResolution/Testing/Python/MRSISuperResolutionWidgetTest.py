@@ -39,6 +39,20 @@ class MRSISuperResolutionWidgetTest(unittest.TestCase):
         self.assertAlmostEqual(self.p.scale, 4.0)
         self.assertFalse(ui.scaleSpinBox.enabled)
 
+    def test_output_factor_spin_box_binds_factor_and_the_label_shows_the_grid(self):
+        import numpy as np
+
+        ui = self.widget.ui
+        self.assertEqual((ui.factorSpinBox.minimum, ui.factorSpinBox.maximum), (2.0, 8.0))
+        self.p.mrsiVolume = slicer.util.addVolumeFromArray(np.ones((4, 20, 24), np.float32), name="rect")
+        self.assertIn("Untick", ui.outputGridLabel.text)  # 24×20 has no automatic 64×64 grid
+        self.assertFalse(ui.factorSpinBox.enabled)
+        ui.autoFactorCheckBox.checked = False
+        ui.factorSpinBox.value = 3.0
+        self.assertEqual((self.p.autoFactor, self.p.factor), (False, 3.0))
+        self.assertTrue(ui.factorSpinBox.enabled)
+        self.assertEqual(ui.outputGridLabel.text, "LR 24×20 → 72×60 in-plane, s = 3.00")
+
     def test_moving_tau_d_after_a_run_offers_a_rerun(self):
         ui = self.widget.ui
         self.p.sampler = "ddpm"
