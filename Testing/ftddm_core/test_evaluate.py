@@ -322,7 +322,8 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
     names = {r["method"] for r in methods}
     # the 101-step DDPM model's DPM-Solver++ noise chains start at its λ ≥ −5.1 clip, index 99: K = 100 won't fit
     assert "`dpmpp_noise_100`: 100 solver steps do not fit a chain starting at index 99" in report
-    assert names == set(METHOD_NAMES) - {"ftddm_anc_100", "ftddm_anc_50", "ftddm_dpmpp_50", "dpmpp_noise_100"}
+    assert names == set(METHOD_NAMES) - {"ftddm_anc_100", "ftddm_anc_50", "ftddm_dpmpp_50", "dpmpp_noise_100",
+                                         "dpmpp_sde_noise_100"}
     assert len(methods) == 2 * len(names)
     by = {(r["method"], float(r["scale"])): r for r in methods}
     assert by[("ftddm_dpmpp_10", 8.0)]["nfe"] == "11" and by[("ddpm_full", 8.0)]["nfe"] == "101"
