@@ -36,6 +36,7 @@ from ftddm_core.atomic import atomic_write_text
 from ftddm_core.data import SliceDataset
 from ftddm_core.device import autocast, generator as make_generator, resolve_device
 from ftddm_core.evaluation.stats import gradient_ratio
+from ftddm_core.evaluation.tables import display_path
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256, load_model
 from ftddm_core.options import SuperResolveOptions
 from ftddm_core.phantom import patient_seed
@@ -51,6 +52,7 @@ MIN_MASK_FRACTION = 0.05
 
 
 # ------------------------------------------------------------------------------------------- data
+
 def heldout_seed(kind: str, index: int) -> np.random.SeedSequence:
     """Seed of held-out patient `index` of `kind`: phantom.patient_seed(10000 + kind index, index)."""
     return patient_seed(SEED_BASE + invivo.KINDS.index(kind), index)
@@ -356,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 for k in kinds}
     opts = SuperResolveOptions()
     result = {
-        "model": str(model_path), "model_sha256": file_sha256(model_path), "samples": args.samples,
+        "model": display_path(model_path), "model_sha256": file_sha256(model_path), "samples": args.samples,
         "seed": args.seed, "sampler": f"{opts.sampler} K={opts.steps} {opts.spacing}, tau_f={opts.tau_f:g}",
         "bf16": args.bf16, "device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu_model(),
         "patients_per_kind": args.patients, "max_maps_per_kind": args.max_maps_per_kind,

@@ -192,7 +192,7 @@ def calibration_plot(rows: Sequence[dict], path: Path, units: str = DEFAULT_UNIT
         top = max([top, *(c * x), *y])
     top = top or 1.0
     ax.plot([0, top], [0, top], "k:", lw=1, label="calibrated")
-    ax.set_xlabel(f"predicted std (hollow) or uncertainty (filled), bin mean ({units})")
+    ax.set_xlabel(f"bin mean of the std (hollow) or of c × std (filled)\n({units})")
     ax.set_ylabel(f"RMSE of the bin's voxels ({units})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -2,6 +2,7 @@
 answer, written as CSVs, figures, report.md (see markdown) and the summary."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .options import EvaluateOptions
 from .runs import Job, LoadedModel
 from .stats import aggregate, finite_stats, wilcoxon_table
 from .studies import Study
-from .tables import write_csv
+from .tables import display_path, write_csv
 
 
 @dataclass
@@ -127,7 +128,7 @@ def write_report(ctx: ReportContext) -> dict[str, Any]:
     return {"report": str(out / "report.md"), "version": __version__, "headline": headline,
             "options": asdict(opts), "device": str(ctx.device), "test_patients": ctx.test_ids,
             "maps_per_scale": {f"{s:g}": len(d.ids) for s, d in ctx.data.items()},
-            "models": {r: {"path": str(m.path), "sha256": m.sha256, "config": m.model.config.name,
+            "models": {r: {"path": display_path(m.path), "sha256": m.sha256, "config": m.model.config.name,
                            "t_trunc": m.t_trunc, "num_timesteps": m.last_index + 1} for r, m in ctx.models.items()},
             "methods": method_rows, "skipped": ctx.skipped, "wilcoxon": tests,
             "studies": {k: v for k, v in study_out.items()}, "figures": {k: str(v) for k, v in figs.items()},
@@ -177,9 +178,9 @@ def _panel_columns(ctx: ReportContext, s: float) -> list[tuple[str, np.ndarray, 
 
 
 def _short(label: str) -> str:
-    """A method label broken over lines for a panel title."""
-    return label.replace(" (ancestral)", "\n(ancestral)").replace(", re-noised flow start", "\nre-noised").replace(
-        " + DPM-Solver++", "\n+ DPM-Solver++").replace(" (one pass)", "").replace(" (T = ", "\n(T = ")
+    """A method label for a panel title: its part before any parenthesis, wrapped to the panel's width."""
+    head = label.split(" (")[0] if not label.startswith("(") else label
+    return textwrap.fill(head.replace(", re-noised flow start", " re-noised"), 22)
 
 
 def headline_answer(method_rows: list[dict], tests: list[dict], ctx: ReportContext) -> dict[str, Any]:

@@ -14,6 +14,13 @@ DIGITS = {"nrmse": 4, "psnr": 2, "ssim": 4, "nrmse_mask": 4, "psnr_mask": 2, "ss
           "gradient_ratio": 3, "high_frequency_ratio": 3, "lpips": 4}
 
 
+
+def display_path(path) -> str:
+    """A path as reports record it: relative to the working directory when inside it (a committed report then
+    holds no machine-specific path), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
     """CSV with the union of the rows' keys as columns (first-seen order), written atomically."""
     cols: list[str] = []
