@@ -12,6 +12,7 @@ from ftddm_core.sampling import (
     sample_ancestral,
     sample_chain,
     sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_ftddm,
     sample_respaced,
     sample_sde_dpmpp_2m,
@@ -153,6 +154,40 @@ def test_dpmpp_2m_converges_at_second_order():
     reference = sample_dpmpp_2m(linear, x, SCHEDULE, spaced(350))
     errors = [(sample_dpmpp_2m(linear, x, SCHEDULE, spaced(k)) - reference).abs().max().item() for k in (20, 40)]
     assert errors[0] / errors[1] > 3.0
+
+
+# --- 2a. DPM-Solver++(3M) vs diffusers(solver_order=3) ----------------------------------------------------
+@pytest.mark.parametrize("steps", [5, 6, 20])
+def test_dpmpp_3m_equals_diffusers_third_order_step_for_step(steps):
+    """K = 5, 6 inside the truncation (index 100 → 0) and K = 20 (no lowered step before the last): every state
+    and the final x̂0 equal diffusers' DPMSolverMultistepScheduler(solver_order=3) on the same timesteps."""
+    ts = space_timesteps(100, steps)
+    ref = diffusers.DPMSolverMultistepScheduler(**COSINE, algorithm_type="dpmsolver++", solver_order=3,
+                                                final_sigmas_type="zero", lower_order_final=True)
+    ref.alphas_cumprod = torch.from_numpy(SCHEDULE.alphas_cumprod)  # float64 ᾱ on both sides
+    ref.set_timesteps(timesteps=ts)
+    x = start_state()
+    ours_eval, ours_states = CountingDenoiser(denoiser_eps), []
+    ours = sample_dpmpp_3m(ours_eval, x, SCHEDULE, ts, callback=record_states(ours_states))
+    theirs, theirs_states = run_diffusers(ref, x, ref.timesteps.tolist(), denoiser_eps)
+    assert ours_eval.nfe == steps + 1
+    for a, b in zip(ours_states, theirs_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+
+
+def test_dpmpp_3m_differs_from_2m_and_converges_faster():
+    """On a linear x̂0 model the third-order solver's error at K = 12 is below the second-order one's."""
+    x0 = torch.full((1, 1, 2, 2), 0.7, dtype=torch.float64)
+    sqrt_alpha = torch.as_tensor(np.sqrt(SCHEDULE.alphas_cumprod))
+    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731  x̂0 = ½·x/α + ½·x0
+        x, t, 0.5 * x / sqrt_alpha[t].reshape(-1, 1, 1, 1) + 0.5 * x0)
+    x = start_state((1, 1, 2, 2), seed=4)
+    spaced = lambda k: [int(round(v)) for v in np.linspace(400, 50, k + 1)]  # noqa: E731
+    reference = sample_dpmpp_3m(linear, x, SCHEDULE, spaced(350))
+    error2 = (sample_dpmpp_2m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
+    error3 = (sample_dpmpp_3m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
+    assert error3 < 0.5 * error2, (error2, error3)
 
 
 # --- 2b. DPM-Solver++ from noise: λ clip, SDE-DPM-Solver++(2M), logSNR spacing, float32 first steps ------
