@@ -20,7 +20,7 @@ import torch
 
 from . import kspace, prep, volume as vol
 from .atomic import atomic_write_text, deferred_interrupts
-from .device import autocast, generator as make_generator, resolve_device
+from .device import PRECISIONS, auto_batch, autocast, choose_precision, generator as make_generator, resolve_device
 from .sampling import SAMPLERS
 from .schedule import SPACINGS
 
@@ -43,8 +43,9 @@ class SuperResolveOptions:
     seed: int = 0
     device: str = "auto"
     slice_axis: int = -1  # −1 = the through-slab axis (volume.slice_axis's rule); else 0, 1 or 2
-    max_batch: int = 64  # images per network call (bounds memory)
-    bf16: bool = False  # bfloat16 autocast (≈2× faster on AVX-512 CPUs, ~1% difference)
+    max_batch: int = 0  # images per network call (bounds memory); 0 = auto: 16 on a CPU, fills the GPU on CUDA
+    precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs, else fp32) | fp32 | bf16 (fp32 with a warning where not native)
+    bf16: bool = False  # = precision "bf16" (bfloat16 autocast, ~1% difference; where the hardware has it natively)
     force: bool = False  # run outside the trained factor range (F or 64/m outside 2 … 8)
 
     def __post_init__(self):
@@ -58,6 +59,10 @@ class SuperResolveOptions:
             raise ValueError(f"data_consistency must be in [0, 1], got {self.data_consistency}")
         if self.tau_d < 0 or self.tau_f < 0:
             raise ValueError("tau_d and tau_f must be ≥ 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_batch < 0:
+            raise ValueError(f"max_batch must be ≥ 1, or 0 for auto, got {self.max_batch}")
         if self.slice_axis not in (-1, 0, 1, 2):
             raise ValueError(f"slice_axis must be -1 (auto), 0, 1 or 2, got {self.slice_axis}")
         if not self.factor >= 0:
@@ -219,10 +224,12 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     mean = torch.zeros(len(cond), 1, n1, n2)
     std = torch.zeros_like(mean)
     nfe, calls = 0, 0
+    precision = choose_precision(device, "bf16" if opts.bf16 else opts.precision)
+    max_batch = auto_batch(device, opts.max_batch, n1 * n2)
     if len(active):
         gen = make_generator(device, opts.seed)
         kw = dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                  n_samples=opts.samples, generator=gen, max_batch=opts.max_batch)
+                  n_samples=opts.samples, generator=gen, max_batch=max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
             # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
@@ -238,7 +245,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                 done = int(info["chunk"]) * int(info["total"]) + int(info["step"])
                 progress(done, int(info["chunks"]) * int(info["total"]), f"{len(active)} maps × {opts.samples} samples")
 
-        with autocast(device, opts.bf16):
+        with autocast(device, precision.bf16):
             result = model.sample(sub, torch.full((len(active),), float(s_cond), device=device),
                                   force_scale=opts.force, callback=report, **kw)
         if progress:
@@ -264,7 +271,8 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                            {**asdict(opts), "scale": float(s_cond), "factor": float(grid.requested_factor),
                             "output_inplane": list(grid.inplane), "lr_inplane": list(grid.lr_inplane),
                             "slice_axis": int(axis), "inputs": names,
-                            "device": str(device), "mask": "user" if user_mask is not None else "automatic"})
+                            "device": str(device), "mask": "user" if user_mask is not None else "automatic",
+                            "precision_used": precision.as_dict(), "max_batch_used": max_batch})
 
 
 # ------------------------------------------------------------------------------------------ CLI layer

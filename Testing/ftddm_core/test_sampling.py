@@ -432,7 +432,7 @@ def make_cond(batch=2, size=8, seed=0, full_mask=False):
 
 
 @pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("ddpm", "flow"), ("dpmpp", "flow"),
-                                           ("dpmpp-sde", "flow"), ("ancestral", "noise"), ("dpmpp", "noise"),
+                                           ("dpmpp-3m", "flow"), ("dpmpp-sde", "flow"), ("ancestral", "noise"), ("dpmpp", "noise"),
                                            ("dpmpp-sde", "noise")])
 def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
     cond = make_cond()
@@ -444,7 +444,7 @@ def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
 
 # --- 4./5. NFE and the start index -----------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("ddpm", 10, 11), ("dpmpp", 10, 11),
-                                               ("dpmpp", 100, 101), ("dpmpp-sde", 10, 11), ("dpmpp-sde", 100, 101)])
+                                               ("dpmpp", 100, 101), ("dpmpp-3m", 5, 6), ("dpmpp-sde", 10, 11), ("dpmpp-sde", 100, 101)])
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
 def test_nfe_of_a_truncated_chain(sampler, steps, nfe, spacing):
     counter = CountingDenoiser(smooth_eps)
@@ -515,7 +515,7 @@ def test_mean_and_std_equal_torch_statistics_of_the_samples():
     assert torch.all(single.std == 0)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp", "dpmpp-sde"])
+@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp", "dpmpp-3m", "dpmpp-sde"])
 def test_chunking_with_max_batch_gives_identical_results(sampler):
     results = [run_fake(4, sampler=sampler, max_batch=m) for m in (None, 1, 4, 100)]
     for r in results[1:]:
