@@ -143,14 +143,19 @@ def test_dpmpp_2m_equals_diffusers_dpmsolver_multistep():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_dpmpp_2m_converges_at_second_order():
-    """Halving the step size cuts the error ~4× (first order would give ~2×) against a 350-step solution."""
+def linear_problem():
+    """A linear x̂0 model (x̂0 = ½·x/α + ½·x0), its start state and k-step index spacings from 400 to 50."""
     x0 = torch.full((1, 1, 2, 2), 0.7, dtype=torch.float64)
     sqrt_alpha = torch.as_tensor(np.sqrt(SCHEDULE.alphas_cumprod))
-    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731  x̂0 = ½·x/α + ½·x0
+    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731
         x, t, 0.5 * x / sqrt_alpha[t].reshape(-1, 1, 1, 1) + 0.5 * x0)
-    x = start_state((1, 1, 2, 2), seed=4)
     spaced = lambda k: [int(round(v)) for v in np.linspace(400, 50, k + 1)]  # noqa: E731
+    return linear, start_state((1, 1, 2, 2), seed=4), spaced
+
+
+def test_dpmpp_2m_converges_at_second_order():
+    """Halving the step size cuts the error ~4× (first order would give ~2×) against a 350-step solution."""
+    linear, x, spaced = linear_problem()
     reference = sample_dpmpp_2m(linear, x, SCHEDULE, spaced(350))
     errors = [(sample_dpmpp_2m(linear, x, SCHEDULE, spaced(k)) - reference).abs().max().item() for k in (20, 40)]
     assert errors[0] / errors[1] > 3.0
@@ -177,13 +182,8 @@ def test_dpmpp_3m_equals_diffusers_third_order_step_for_step(steps):
 
 
 def test_dpmpp_3m_differs_from_2m_and_converges_faster():
-    """On a linear x̂0 model the third-order solver's error at K = 12 is below the second-order one's."""
-    x0 = torch.full((1, 1, 2, 2), 0.7, dtype=torch.float64)
-    sqrt_alpha = torch.as_tensor(np.sqrt(SCHEDULE.alphas_cumprod))
-    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731  x̂0 = ½·x/α + ½·x0
-        x, t, 0.5 * x / sqrt_alpha[t].reshape(-1, 1, 1, 1) + 0.5 * x0)
-    x = start_state((1, 1, 2, 2), seed=4)
-    spaced = lambda k: [int(round(v)) for v in np.linspace(400, 50, k + 1)]  # noqa: E731
+    """On a linear x̂0 model the third-order solver's error at K = 12 is below half the second-order one's."""
+    linear, x, spaced = linear_problem()
     reference = sample_dpmpp_3m(linear, x, SCHEDULE, spaced(350))
     error2 = (sample_dpmpp_2m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
     error3 = (sample_dpmpp_3m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
