@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-SAMPLERS = ("dpmpp", "ancestral", "ddpm", "dpmpp-sde")  # DPM-Solver++ (default), Algorithm 1, respaced, SDE
+SAMPLERS = ("dpmpp", "ancestral", "ddpm", "dpmpp-3m", "dpmpp-sde")  # DPM-Solver++ (default), Alg. 1, respaced, 3M, SDE
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index or in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 SCALE_RANGE = (2.0, 8.0)  # upscaling factors the shipped models are trained for (64 / LR matrix 8 … 32)
 FACTOR_RANGE = (2.0, 8.0)  # in-plane output factors F the engine accepts (0 = automatic)
 # `--factor` is new in the engine: left out while automatic, so the module also drives an engine without it
@@ -38,7 +39,8 @@ class SuperResolveParameters:
     scale: float = 0.0  # conditioned upscaling factor; 0 = detected from the LR matrix
     factor: float = 0.0  # in-plane output factor F: matrix round(F·m) per axis; 0 = automatic (the model grid)
     slice_axis: int = -1  # −1 = automatic (through-slab axis)
-    max_batch: int = 64
+    max_batch: int = 0  # 0 = automatic (16 on a CPU, fills a GPU)
+    precision: str = "auto"  # auto | fp32 | bf16 (bf16 only where the hardware has it)
     bf16: bool = False
     force: bool = False  # run outside the trained scale range
 
@@ -59,7 +61,9 @@ class SuperResolveParameters:
         number("samples", 1, MAX_SAMPLES, integer=True)
         number("data_consistency", 0.0, 1.0)
         number("seed", 0, 2**31 - 1, integer=True)
-        number("max_batch", 1, 4096, integer=True)
+        number("max_batch", 0, 4096, integer=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         number("slice_axis", -1, 2, integer=True)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
