@@ -44,8 +44,8 @@ class SuperResolveOptions:
     device: str = "auto"
     slice_axis: int = -1  # −1 = the through-slab axis (volume.slice_axis's rule); else 0, 1 or 2
     max_batch: int = 0  # images per network call (bounds memory); 0 = auto: 16 on a CPU, fills the GPU on CUDA
-    precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs, else fp32) | fp32 | bf16 (fp32 with a warning where not native)
-    bf16: bool = False  # = precision "bf16" (bfloat16 autocast, ~1% difference; where the hardware has it natively)
+    precision: str = "auto"  # auto (bf16 on CUDA / AMX CPUs, else fp32) | fp32 | bf16 (where native, else a warning)
+    bf16: bool = False  # = precision "bf16" (bfloat16 autocast, ~1% difference)
     force: bool = False  # run outside the trained factor range (F or 64/m outside 2 … 8)
 
     def __post_init__(self):

@@ -213,7 +213,7 @@ def _step_order(order: int, i: int, n: int) -> int:
     return min(step_order, 2) if i == n - 2 and n < 15 else step_order
 
 
-def _dpmpp_2m(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_above, order=2) -> torch.Tensor:
+def _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_above, order=2) -> torch.Tensor:
     """The multistep loop of the ODE (noise_fn None; order 2 or 3) and SDE (noise_fn(x) → z ~ N(0, I); order 2)
     variants; → last x̂0."""
     setup = _setup(x, mask)
@@ -279,7 +279,7 @@ def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
     Deterministic; the mask (if any) multiplies the state after every step. Where σ/α > fp32_above the
     denoiser runs without autocast on float32 input (bf16 rounding of ε̂ would be amplified σ/α times).
     """
-    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above)
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above)
 
 
 @torch.no_grad()
@@ -291,7 +291,7 @@ def sample_dpmpp_3m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
     final_sigmas_type="zero", lower_order_final=True) — first, second, then third order, with fewer than 15 steps
     second order on the step before the last, and x̂0 itself at the last index. NFE = len(timesteps).
     """
-    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above, order=3)
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above, order=3)
 
 
 @torch.no_grad()
@@ -306,7 +306,7 @@ def sample_sde_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSch
     sampler. NFE = len(timesteps).
     """
     tau_d = _check_tau("tau_d", tau_d)
-    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, lambda like: tau_d * randn_like(like, generator),
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, lambda like: tau_d * randn_like(like, generator),
                      callback, fp32_above)
 
 
@@ -339,7 +339,8 @@ def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSche
                  t_start: int, steps: int = 10, tau_d: float = 1.0, mask: torch.Tensor | None = None,
                  generator: Generators = None, callback=None, spacing: str = "uniform") -> torch.Tensor:
     """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps and spacing ignored), "ddpm"
-    (respaced), "dpmpp", "dpmpp-3m" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or "logsnr" in λ."""
+    (respaced), "dpmpp", "dpmpp-3m" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or
+    "logsnr" in λ."""
     if sampler == "ancestral":
         return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
                                 generator=generator, callback=callback)

@@ -432,8 +432,8 @@ def make_cond(batch=2, size=8, seed=0, full_mask=False):
 
 
 @pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("ddpm", "flow"), ("dpmpp", "flow"),
-                                           ("dpmpp-3m", "flow"), ("dpmpp-sde", "flow"), ("ancestral", "noise"), ("dpmpp", "noise"),
-                                           ("dpmpp-sde", "noise")])
+                                           ("dpmpp-3m", "flow"), ("dpmpp-sde", "flow"), ("ancestral", "noise"),
+                                           ("dpmpp", "noise"), ("dpmpp-sde", "noise")])
 def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
     cond = make_cond()
     result = sample_ftddm(fake_model(), cond, 4.0, sampler=sampler, start=start, tau_d=1.0, n_samples=2,
@@ -444,7 +444,8 @@ def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
 
 # --- 4./5. NFE and the start index -----------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("ddpm", 10, 11), ("dpmpp", 10, 11),
-                                               ("dpmpp", 100, 101), ("dpmpp-3m", 5, 6), ("dpmpp-sde", 10, 11), ("dpmpp-sde", 100, 101)])
+                                               ("dpmpp", 100, 101), ("dpmpp-3m", 5, 6), ("dpmpp-sde", 10, 11),
+                                               ("dpmpp-sde", 100, 101)])
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
 def test_nfe_of_a_truncated_chain(sampler, steps, nfe, spacing):
     counter = CountingDenoiser(smooth_eps)
