@@ -19,6 +19,8 @@ from .flags import cli_flag
 #: sampler → what it does (the CLI help and the Slicer combo box list them in this order; default first)
 SAMPLER_HELP = {
     "dpmpp": "DPM-Solver++(2M) from the flow start, deterministic given the start: NFE = steps + 1 (default)",
+    "dpmpp-3m": "DPM-Solver++(3M), third order, deterministic: NFE = steps + 1; K = 5–6 costs ≤ 0.001 SSIM against "
+                "the default on held-out maps (bench/speed_quality.json)",
     "ancestral": "the paper's Algorithm 1, every index from Ttrunc to 0: NFE = Ttrunc + 1 (101), slow on CPU",
     "ddpm": "ancestral sampling respaced to `steps` indices: NFE = steps + 1",
     "dpmpp-sde": "SDE-DPM-Solver++(2M), stochastic: NFE = steps + 1",
@@ -29,6 +31,7 @@ SAMPLERS = tuple(SAMPLER_HELP)
 NOISY_SAMPLERS = ("ancestral", "ddpm", "dpmpp-sde")
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index, or uniform in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "auto": CUDA, then Apple MPS, then CPU; also "cuda:N"
+PRECISIONS = ("auto", "fp32", "bf16")  # "auto": bf16 where native and paying (device.choose_precision), else fp32
 #: factors s (and F) the shipped models are trained for (FTDDMConfig.scale_range); outside needs `force`
 TRAINED_SCALES = next(f.default for f in dataclasses.fields(FTDDMConfig) if f.name == "scale_range")
 MAX_FACTOR = 64.0  # sanity bound of F and s even with `force`
@@ -101,11 +104,16 @@ class SuperResolveOptions:
         "other two. -1 = automatic (the through-slab rule, README Geometry; run.json records the axis used). "
         "Set it when the automatic axis is wrong", bounds=(0, 2), automatic=-1)
     max_batch: int = option(
-        64, "images per network call, 1 … 4096: bounds memory (RAM or GPU), never changes the maps. Lower it when "
-        "a run runs out of memory, raise it on a large GPU", bounds=(1, 4096))
+        0, "images per network call, 1 … 4096: bounds memory (RAM or GPU), never changes the maps. 0 = automatic: "
+        "16 on a CPU (faster per image than larger batches, bench/profile_v2.txt), about half the free memory on a "
+        "GPU. Lower it when a run runs out of memory", bounds=(1, 4096), automatic=0)
+    precision: str = option(
+        "auto", "arithmetic of the networks: auto = bf16 only where it is native and pays (a CUDA GPU with bf16, a "
+        "CPU with AMX), else fp32; fp32; bf16 = bfloat16 autocast where the hardware has it (maps differ by up to "
+        "~1 % of their maximum; ~1.3× faster on AVX512-BF16 CPUs), a warning and fp32 elsewhere. run.json records "
+        "the choice", choices=PRECISIONS)
     bf16: bool = option(
-        False, "bfloat16 autocast: 1.6–2.2× faster on AVX-512 CPUs, maps differ by about 1 %; off for exact "
-        "float32 results")
+        False, "the same as --precision bf16 (kept for existing scripts)")
     force: bool = option(
         False, f"run with a factor F or s (given, or 64/m by default) outside the trained range {_TRAINED}; the "
         "model has never seen such factors, so check the result")

@@ -20,7 +20,7 @@ import torch
 
 from . import kspace, masks, prep, volume as vol
 from .atomic import atomic_write_text, deferred_interrupts
-from .device import autocast, generator as make_generator, resolve_device
+from .device import auto_batch, autocast, choose_precision, generator as make_generator, resolve_device
 from .options import SuperResolveOptions
 from .uncertainty import describe as describe_calibration
 
@@ -181,10 +181,12 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     mean = torch.zeros(len(cond), 1, n1, n2)
     std = torch.zeros_like(mean)
     nfe, calls = 0, 0
+    precision = choose_precision(device, "bf16" if opts.bf16 else opts.precision)
+    max_batch = auto_batch(device, opts.max_batch, n1 * n2)
     if len(active):
         gen = make_generator(device, opts.seed)
         kw = dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                  n_samples=opts.samples, generator=gen, max_batch=opts.max_batch)
+                  n_samples=opts.samples, generator=gen, max_batch=max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
             # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
@@ -200,7 +202,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                 done = int(info["chunk"]) * int(info["total"]) + int(info["step"])
                 progress(done, int(info["chunks"]) * int(info["total"]), f"{len(active)} maps × {opts.samples} samples")
 
-        with autocast(device, opts.bf16):
+        with autocast(device, precision.bf16):
             result = model.sample(sub, torch.full((len(active),), float(s_cond), device=device),
                                   force_scale=opts.force, callback=report, **kw)
         if progress:
@@ -228,7 +230,8 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
                            {**asdict(opts), "scale": float(s_cond), "factor": float(grid.requested_factor),
                             "output_inplane": list(grid.inplane), "lr_inplane": list(grid.lr_inplane),
                             "slice_axis": int(axis), "inputs": names,
-                            "device": str(device), "mask": "user" if user_mask is not None else "automatic"},
+                            "device": str(device), "mask": "user" if user_mask is not None else "automatic",
+                            "precision_used": precision.as_dict(), "max_batch_used": max_batch},
                            calibration)
 
 

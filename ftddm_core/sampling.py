@@ -30,7 +30,7 @@ from .schedule import SPACINGS, DiffusionSchedule, chain_timesteps, lambda_clipp
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-DPM_SOLVERS = ("dpmpp", "dpmpp-sde")
+DPM_SOLVERS = ("dpmpp", "dpmpp-3m", "dpmpp-sde")
 # "renoised": the flow's x̂0 re-noised to an index below Ttrunc (see sample_ftddm)
 STARTS = ("flow", "noise", "renoised")
 
@@ -206,14 +206,22 @@ def _denoise(denoiser: EpsFn, x: torch.Tensor, t: torch.Tensor, full_precision: 
         return denoiser(x if x.dtype in (torch.float32, torch.float64) else x.float(), t)
 
 
-def _dpmpp_2m(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_above) -> torch.Tensor:
-    """The multistep loop of the ODE (noise_fn None) and SDE (noise_fn(x) → z ~ N(0, I)) variants; → last x̂0."""
+def _step_order(order: int, i: int, n: int) -> int:
+    """The order of multistep step i of n (diffusers' rule): warm up from first order as history accrues, and
+    with fewer than 15 steps at most second order on the step before the last (lower_order_final)."""
+    step_order = min(order, i + 1)
+    return min(step_order, 2) if i == n - 2 and n < 15 else step_order
+
+
+def _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_above, order=2) -> torch.Tensor:
+    """The multistep loop of the ODE (noise_fn None; order 2 or 3) and SDE (noise_fn(x) → z ~ N(0, I); order 2)
+    variants; → last x̂0."""
     setup = _setup(x, mask)
     ts = _check_timesteps(timesteps, schedule)
     alpha = np.sqrt(schedule.alphas_cumprod[ts])
     sigma = np.sqrt(1.0 - schedule.alphas_cumprod[ts])
     lam = np.log(alpha) - np.log(sigma)
-    x0_previous = None
+    history = []  # x̂0 of the earlier steps, newest last (at most order − 1 kept)
     for i, t in enumerate(ts):
         eps = _denoise(denoiser, x, setup.time(t), bool(sigma[i] > fp32_above * alpha[i]))
         x0 = schedule.predict_x0_from_eps(x, t, eps)
@@ -221,21 +229,42 @@ def _dpmpp_2m(denoiser, x, schedule, timesteps, mask, noise_fn, callback, fp32_a
         if i == len(ts) - 1:
             return x0  # the final step to σ = 0 lands on x̂0 itself (and adds no noise)
         h = lam[i + 1] - lam[i]
-        if x0_previous is None:
-            direction = x0
+        step_order = _step_order(order, i, len(ts))
+        if step_order == 3:
+            x = _dpmpp_3m_step(x, [*history[-2:], x0], lam[i - 2:i + 2], sigma[i:i + 2], alpha[i + 1])
         else:
-            r = (lam[i] - lam[i - 1]) / h
-            direction = x0 + (x0 - x0_previous) / (2.0 * r)  # D0 + ½·D1, D1 = (x̂0_i − x̂0_{i−1}) / r
-        if noise_fn is None:  # ODE: x' = σ'/σ·x − α'·(e^{−h} − 1)·D
-            x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * direction
-        else:  # SDE: x' = σ'/σ·e^{−h}·x + α'·(1 − e^{−2h})·D + σ'·√(1 − e^{−2h})·z·M
-            z = noise_fn(x) if setup.mask is None else noise_fn(x) * setup.mask
-            x = ((sigma[i + 1] / sigma[i]) * math.exp(-h)) * x - (alpha[i + 1] * math.expm1(-2 * h)) * direction
-            x = x + (sigma[i + 1] * math.sqrt(-math.expm1(-2 * h))) * z
+            if step_order == 1:
+                direction = x0
+            else:
+                r = (lam[i] - lam[i - 1]) / h
+                direction = x0 + (x0 - history[-1]) / (2.0 * r)  # D0 + ½·D1, D1 = (x̂0_i − x̂0_{i−1}) / r
+            if noise_fn is None:  # ODE: x' = σ'/σ·x − α'·(e^{−h} − 1)·D
+                x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * direction
+            else:  # SDE: x' = σ'/σ·e^{−h}·x + α'·(1 − e^{−2h})·D + σ'·√(1 − e^{−2h})·z·M
+                z = noise_fn(x) if setup.mask is None else noise_fn(x) * setup.mask
+                x = ((sigma[i + 1] / sigma[i]) * math.exp(-h)) * x - (alpha[i + 1] * math.expm1(-2 * h)) * direction
+                x = x + (sigma[i + 1] * math.sqrt(-math.expm1(-2 * h))) * z
         if setup.mask is not None:
             x = x * setup.mask
-        x0_previous = x0
+        history = [*history, x0][-(order - 1):]
     raise AssertionError("unreachable")
+
+
+def _dpmpp_3m_step(x, x0s, lam, sigma, alpha_next) -> torch.Tensor:
+    """One DPM-Solver++(3M) step (Lu et al. 2022, arXiv:2211.01095, App. B; diffusers' third-order update).
+
+    x0s = x̂0 at λ_{i−2}, λ_{i−1}, λ_i; lam = (λ_{i−2}, λ_{i−1}, λ_i, λ_{i+1}); sigma = (σ_i, σ_{i+1}).
+    x' = σ'/σ·x − α'(e^{−h} − 1)·D0 + α'((e^{−h} − 1)/h + 1)·D1 − α'((e^{−h} − 1 + h)/h² − ½)·D2.
+    """
+    m2, m1, m0 = x0s
+    h, h0, h1 = lam[3] - lam[2], lam[2] - lam[1], lam[1] - lam[0]
+    r0, r1 = h0 / h, h1 / h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    e = math.expm1(-h)  # e^{−h} − 1
+    return ((sigma[1] / sigma[0]) * x - (alpha_next * e) * m0 + (alpha_next * (e / h + 1.0)) * d1
+            - (alpha_next * ((e + h) / h**2 - 0.5)) * d2)
 
 
 @torch.no_grad()
@@ -250,7 +279,19 @@ def sample_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedul
     Deterministic; the mask (if any) multiplies the state after every step. Where σ/α > fp32_above the
     denoiser runs without autocast on float32 input (bf16 rounding of ε̂ would be amplified σ/α times).
     """
-    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above)
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSchedule, timesteps: Sequence[int], *,
+                    mask: torch.Tensor | None = None, callback=None,
+                    fp32_above: float = FP32_SIGMA_OVER_ALPHA) -> torch.Tensor:
+    """DPM-Solver++(3M), data prediction (Lu et al. 2022, arXiv:2211.01095): :func:`sample_dpmpp_2m` with a
+    third-order multistep update once three x̂0 are known; as diffusers' DPMSolverMultistepScheduler(solver_order=3,
+    final_sigmas_type="zero", lower_order_final=True) — first, second, then third order, with fewer than 15 steps
+    second order on the step before the last, and x̂0 itself at the last index. NFE = len(timesteps).
+    """
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, None, callback, fp32_above, order=3)
 
 
 @torch.no_grad()
@@ -265,7 +306,7 @@ def sample_sde_dpmpp_2m(denoiser: EpsFn, x: torch.Tensor, schedule: DiffusionSch
     sampler. NFE = len(timesteps).
     """
     tau_d = _check_tau("tau_d", tau_d)
-    return _dpmpp_2m(denoiser, x, schedule, timesteps, mask, lambda like: tau_d * randn_like(like, generator),
+    return _dpmpp_multistep(denoiser, x, schedule, timesteps, mask, lambda like: tau_d * randn_like(like, generator),
                      callback, fp32_above)
 
 
@@ -298,7 +339,8 @@ def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSche
                  t_start: int, steps: int = 10, tau_d: float = 1.0, mask: torch.Tensor | None = None,
                  generator: Generators = None, callback=None, spacing: str = "uniform") -> torch.Tensor:
     """Run one reverse chain from x_{t_start}: "ancestral" (every index; steps and spacing ignored), "ddpm"
-    (respaced), "dpmpp" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or "logsnr" in λ."""
+    (respaced), "dpmpp", "dpmpp-3m" or "dpmpp-sde", on `steps` + 1 indices spaced "uniform" in index or
+    "logsnr" in λ."""
     if sampler == "ancestral":
         return sample_ancestral(denoiser, x_start, schedule, t_start, tau_d=tau_d, mask=mask,
                                 generator=generator, callback=callback)
@@ -310,6 +352,8 @@ def sample_chain(denoiser: EpsFn, x_start: torch.Tensor, schedule: DiffusionSche
         return _respaced(denoiser, x_start, schedule, timesteps, tau_d, mask, generator, callback)
     if sampler == "dpmpp":
         return sample_dpmpp_2m(denoiser, x_start, schedule, timesteps, mask=mask, callback=callback)
+    if sampler == "dpmpp-3m":
+        return sample_dpmpp_3m(denoiser, x_start, schedule, timesteps, mask=mask, callback=callback)
     return sample_sde_dpmpp_2m(denoiser, x_start, schedule, timesteps, tau_d=tau_d, mask=mask,
                                generator=generator, callback=callback)
 
@@ -490,8 +534,8 @@ def sample_ftddm(model, cond: torch.Tensor, scale, *, sampler: str = "dpmpp", t_
     encoder runs once per image; each chain starts from the flow's draw around √ᾱ·x̂0_enc (or from noise)
     and runs the ε-UNet conditioned on [y, x̂0_enc]. cond is (B, 4, H, W) = [LR, M, T1, FLAIR]; ``valid``
     (B, 1, H, W) marks the unpadded image when cond was padded (see FTDDM.pad). start="noise" runs the
-    untruncated baseline from N(0, I)·M (t_trunc is then ignored) at index T−1, or for "dpmpp" and
-    "dpmpp-sde" at the largest index with λ ≥ −5.1 (see :func:`noise_start_index`). start="renoised" starts
+    untruncated baseline from N(0, I)·M (t_trunc is then ignored) at index T−1, or for the DPM-Solver++
+    samplers at the largest index with λ ≥ −5.1 (see :func:`noise_start_index`). start="renoised" starts
     below the flow's index, t_trunc ≤ Ttrunc: x_t = q_sample(x̂0_flow, t, ε⊙M) with x̂0_flow the flow's mode
     / √ᾱ_Ttrunc, clamped and masked (an approximation: the paper trains one flow per Ttrunc; the mode, not a
     τ_f draw, because a draw already carries index Ttrunc's noise). ``spacing`` places the

@@ -45,7 +45,6 @@ import SimpleITK as sitk
 
 from . import kspace, prep
 from .lr_grid import FOV_RTOL, check_axis, inplane_axes, inplane_target, realised_factor, slice_axis_rule
-from .lr_grid import refined_size  # noqa: F401 (re-exported: volume.refined_size)
 from .nifti import is_nifti, read_nifti, save_nifti
 
 #: RAS ↔ LPS: negate x and y.

@@ -178,7 +178,7 @@ def test_every_option_field_is_a_node_parameter(real):
     assert [p.field for p in parameters] == [f.name for f in dataclasses.fields(SuperResolveOptions)]
     generated = {n for p in parameters for n in (p.name, p.automatic_name) if n}
     assert generated <= set(real.module.MRSISuperResolutionParameterNode.allParameters)
-    assert {p.field for p in parameters if p.automatic_name} == {"factor", "scale", "slice_axis"}
+    assert {p.field for p in parameters if p.automatic_name} == {"factor", "scale", "slice_axis", "max_batch"}
     assert {"tauD", "dataConsistency", "sliceAxis", "maxBatch", "autoScale"} <= generated
 
 
@@ -245,8 +245,8 @@ def _accepts_engine(field, value):
     ("samples", "samples", [0, 1, 64, 65]),
     ("dataConsistency", "data_consistency", [-0.01, 0.0, 1.0, 1.01]),
     ("seed", "seed", [-1, 0, 2**31 - 1, 2**31]),
-    ("maxBatch", "max_batch", [0, 1, 4096, 4097]),
-    # 0 / −1 (automatic) are autoFactor, autoScale and autoSliceAxis in the node
+    # 0 / −1 (automatic) are autoMaxBatch, autoFactor, autoScale and autoSliceAxis in the node
+    ("maxBatch", "max_batch", [-1, 1, 4096, 4097]),
     ("factor", "factor", [-1.0, 1.5, 1.99, 2.0, 5.5, 8.0, 8.01]),
     ("scale", "scale", [0.5, 1.99, 2.0, 8.0, 8.01]),
     ("sliceAxis", "slice_axis", [-2, 0, 2, 3]),

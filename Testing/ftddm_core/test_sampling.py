@@ -12,6 +12,7 @@ from ftddm_core.sampling import (
     sample_ancestral,
     sample_chain,
     sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_ftddm,
     sample_respaced,
     sample_sde_dpmpp_2m,
@@ -142,17 +143,51 @@ def test_dpmpp_2m_equals_diffusers_dpmsolver_multistep():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_dpmpp_2m_converges_at_second_order():
-    """Halving the step size cuts the error ~4× (first order would give ~2×) against a 350-step solution."""
+def linear_problem():
+    """A linear x̂0 model (x̂0 = ½·x/α + ½·x0), its start state and k-step index spacings from 400 to 50."""
     x0 = torch.full((1, 1, 2, 2), 0.7, dtype=torch.float64)
     sqrt_alpha = torch.as_tensor(np.sqrt(SCHEDULE.alphas_cumprod))
-    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731  x̂0 = ½·x/α + ½·x0
+    linear = lambda x, t: SCHEDULE.predict_eps_from_x0(  # noqa: E731
         x, t, 0.5 * x / sqrt_alpha[t].reshape(-1, 1, 1, 1) + 0.5 * x0)
-    x = start_state((1, 1, 2, 2), seed=4)
     spaced = lambda k: [int(round(v)) for v in np.linspace(400, 50, k + 1)]  # noqa: E731
+    return linear, start_state((1, 1, 2, 2), seed=4), spaced
+
+
+def test_dpmpp_2m_converges_at_second_order():
+    """Halving the step size cuts the error ~4× (first order would give ~2×) against a 350-step solution."""
+    linear, x, spaced = linear_problem()
     reference = sample_dpmpp_2m(linear, x, SCHEDULE, spaced(350))
     errors = [(sample_dpmpp_2m(linear, x, SCHEDULE, spaced(k)) - reference).abs().max().item() for k in (20, 40)]
     assert errors[0] / errors[1] > 3.0
+
+
+# --- 2a. DPM-Solver++(3M) vs diffusers(solver_order=3) ----------------------------------------------------
+@pytest.mark.parametrize("steps", [5, 6, 20])
+def test_dpmpp_3m_equals_diffusers_third_order_step_for_step(steps):
+    """K = 5, 6 inside the truncation (index 100 → 0) and K = 20 (no lowered step before the last): every state
+    and the final x̂0 equal diffusers' DPMSolverMultistepScheduler(solver_order=3) on the same timesteps."""
+    ts = space_timesteps(100, steps)
+    ref = diffusers.DPMSolverMultistepScheduler(**COSINE, algorithm_type="dpmsolver++", solver_order=3,
+                                                final_sigmas_type="zero", lower_order_final=True)
+    ref.alphas_cumprod = torch.from_numpy(SCHEDULE.alphas_cumprod)  # float64 ᾱ on both sides
+    ref.set_timesteps(timesteps=ts)
+    x = start_state()
+    ours_eval, ours_states = CountingDenoiser(denoiser_eps), []
+    ours = sample_dpmpp_3m(ours_eval, x, SCHEDULE, ts, callback=record_states(ours_states))
+    theirs, theirs_states = run_diffusers(ref, x, ref.timesteps.tolist(), denoiser_eps)
+    assert ours_eval.nfe == steps + 1
+    for a, b in zip(ours_states, theirs_states):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+
+
+def test_dpmpp_3m_differs_from_2m_and_converges_faster():
+    """On a linear x̂0 model the third-order solver's error at K = 12 is below half the second-order one's."""
+    linear, x, spaced = linear_problem()
+    reference = sample_dpmpp_3m(linear, x, SCHEDULE, spaced(350))
+    error2 = (sample_dpmpp_2m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
+    error3 = (sample_dpmpp_3m(linear, x, SCHEDULE, spaced(12)) - reference).abs().max().item()
+    assert error3 < 0.5 * error2, (error2, error3)
 
 
 # --- 2b. DPM-Solver++ from noise: λ clip, SDE-DPM-Solver++(2M), logSNR spacing, float32 first steps ------
@@ -397,8 +432,8 @@ def make_cond(batch=2, size=8, seed=0, full_mask=False):
 
 
 @pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("ddpm", "flow"), ("dpmpp", "flow"),
-                                           ("dpmpp-sde", "flow"), ("ancestral", "noise"), ("dpmpp", "noise"),
-                                           ("dpmpp-sde", "noise")])
+                                           ("dpmpp-3m", "flow"), ("dpmpp-sde", "flow"), ("ancestral", "noise"),
+                                           ("dpmpp", "noise"), ("dpmpp-sde", "noise")])
 def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
     cond = make_cond()
     result = sample_ftddm(fake_model(), cond, 4.0, sampler=sampler, start=start, tau_d=1.0, n_samples=2,
@@ -409,7 +444,8 @@ def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
 
 # --- 4./5. NFE and the start index -----------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("ddpm", 10, 11), ("dpmpp", 10, 11),
-                                               ("dpmpp", 100, 101), ("dpmpp-sde", 10, 11), ("dpmpp-sde", 100, 101)])
+                                               ("dpmpp", 100, 101), ("dpmpp-3m", 5, 6), ("dpmpp-sde", 10, 11),
+                                               ("dpmpp-sde", 100, 101)])
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
 def test_nfe_of_a_truncated_chain(sampler, steps, nfe, spacing):
     counter = CountingDenoiser(smooth_eps)
@@ -480,7 +516,7 @@ def test_mean_and_std_equal_torch_statistics_of_the_samples():
     assert torch.all(single.std == 0)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp", "dpmpp-sde"])
+@pytest.mark.parametrize("sampler", ["ancestral", "dpmpp", "dpmpp-3m", "dpmpp-sde"])
 def test_chunking_with_max_batch_gives_identical_results(sampler):
     results = [run_fake(4, sampler=sampler, max_batch=m) for m in (None, 1, 4, 100)]
     for r in results[1:]:

@@ -347,8 +347,8 @@ def test_hr_origin_index():
 
 
 def test_refined_size_rounds_halves_up():
-    assert [V.refined_size(m, 2.5) for m in (21, 23, 15, 16)] == [53, 58, 38, 40]
-    assert V.refined_size(32, 4) == 128 and V.refined_size(42, 4) == 168 and V.refined_size(9, 3) == 27
+    assert [lr_grid.refined_size(m, 2.5) for m in (21, 23, 15, 16)] == [53, 58, 38, 40]
+    assert lr_grid.refined_size(32, 4) == 128 and lr_grid.refined_size(42, 4) == 168 and lr_grid.refined_size(9, 3) == 27
 
 
 def rect_point_source(lr_inplane, n_slices, axis, spacing, rot, origin, centre):
@@ -423,7 +423,7 @@ def test_factor_contract_of_the_target_grid():
     for bad in (1.5, 10.0):
         with pytest.raises(ValueError, match=r"--factor .*trained range 2 … 8.*--force"):
             V.target_grid(square, 2, factor=bad)
-        assert V.target_grid(square, 2, factor=bad, force=True).inplane == (V.refined_size(16, bad),) * 2
+        assert V.target_grid(square, 2, factor=bad, force=True).inplane == (lr_grid.refined_size(16, bad),) * 2
     with pytest.raises(ValueError, match="≥ 1"):
         V.target_grid(square, 2, factor=0.5, force=True)
     with pytest.raises(ValueError, match=r"not square.*--factor F.*--factor 2 gives 64×84"):
