@@ -292,7 +292,7 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.rerunLabel.text = (
                 _("τ_d changed from {old:.2f} to {new:.2f}. Re-run to see its effect.").format(
                     old=p.lastRunTauD, new=p.tauD) if params.tau_d_has_effect() else
-                _("τ_d only affects the ancestral, ddpm and dpmpp-sde samplers; choose one of them to use it."))
+                _("τ_d only affects the ancestral, respaced and dpmpp-sde samplers; choose one of them to use it."))
 
     # --- running ------------------------------------------------------------------------------------------
     def onApplyButton(self):

@@ -22,13 +22,15 @@ SAMPLER_HELP = {
     "dpmpp-3m": "DPM-Solver++(3M), third order, deterministic: NFE = steps + 1; K = 5–6 costs ≤ 0.001 SSIM against "
                 "the default on held-out maps (bench/speed_quality.json)",
     "ancestral": "the paper's Algorithm 1, every index from Ttrunc to 0: NFE = Ttrunc + 1 (101), slow on CPU",
-    "ddpm": "ancestral sampling respaced to `steps` indices: NFE = steps + 1",
+    "respaced": "ancestral (DDPM) sampling respaced to `steps` indices: NFE = steps + 1",
     "dpmpp-sde": "SDE-DPM-Solver++(2M), stochastic: NFE = steps + 1",
     "regression": "the SR encoder's one-pass output: NFE 1, the fastest preview, no uncertainty",
 }
 SAMPLERS = tuple(SAMPLER_HELP)
 #: samplers that inject noise at each step, i.e. the ones τ_d acts on
-NOISY_SAMPLERS = ("ancestral", "ddpm", "dpmpp-sde")
+NOISY_SAMPLERS = ("ancestral", "respaced", "dpmpp-sde")
+#: old sampler names → new ones (refused with a message that names the new one)
+RENAMED_SAMPLERS = {"ddpm": "respaced"}
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index, or uniform in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "auto": CUDA, then Apple MPS, then CPU; also "cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16")  # "auto": bf16 where native and paying (device.choose_precision), else fp32
@@ -67,23 +69,23 @@ class SuperResolveOptions:
         "to study a mismatched conditioning; the output grid is set by --factor",
         bounds=(1.0, MAX_FACTOR), trained=TRAINED_SCALES, automatic=0.0)
     tau_d: float = option(
-        0.9, "diffusion noise temperature τ_d, 0 … 2: scales the noise the ancestral, ddpm and dpmpp-sde samplers "
-        "inject at each step (no effect on dpmpp and regression). Lower = smoother maps and higher PSNR, "
+        0.9, "diffusion noise temperature τ_d, 0 … 2: scales the noise the ancestral, respaced and dpmpp-sde "
+        "samplers inject at each step (no effect on dpmpp, dpmpp-3m and regression). Lower = smoother maps and higher PSNR, "
         "1 = the trained noise level, higher = sharper but noisier", bounds=(0.0, 2.0))
     tau_f: float = option(
         0.7, "flow temperature τ_f, 0 … 2: spread of the truncated start x_Ttrunc around the encoder's estimate. "
-        "1 = the spread the flow is trained for (calibrated uncertainty, 1.1–1.5 dB below the encoder's PSNR); "
-        "0.7, chosen on validation patients, costs 0.2 dB and keeps an under-dispersed uncertainty; 0 = the flow's "
-        "mode. "
+        "1 = the spread the flow is trained for (1.1–1.5 dB below the encoder's PSNR); 0.7, chosen on validation "
+        "patients, costs 0.2 dB; its narrower spread is rescaled by the model's uncertainty calibration (fitted "
+        "at 0.7); 0 = the flow's mode. "
         "Raise it when the uncertainty map matters more than the last dB", bounds=(0.0, 2.0))
     sampler: str = option("dpmpp", f"reverse-diffusion sampler: {_SAMPLER_LIST}", choices=SAMPLERS)
     steps: int = option(
-        10, "solver steps K from Ttrunc to 0 for dpmpp, dpmpp-sde and ddpm (NFE = K + 1; time grows linearly); "
-        "ignored by ancestral (every index) and regression. 1 … Ttrunc (100 for the shipped model)",
+        10, "solver steps K from Ttrunc to 0 for dpmpp, dpmpp-3m, dpmpp-sde and respaced (NFE = K + 1; time grows "
+        "linearly); ignored by ancestral (every index) and regression. 1 … Ttrunc (100 for the shipped model)",
         bounds=(1, MAX_STEPS))
     spacing: str = option(
         "uniform", "where the K solver steps sit between Ttrunc and 0: uniform (in timestep index) or logsnr "
-        "(uniform in λ = log(α/σ), denser near the end); dpmpp, dpmpp-sde and ddpm only", choices=SPACINGS)
+        "(uniform in λ = log(α/σ), denser near the end); the step-based samplers only", choices=SPACINGS)
     samples: int = option(
         8, f"draws per map, 1 … {MAX_SAMPLES}: the SR map is their mean, the uncertainty map their per-voxel "
         "standard deviation (times the model's calibration factor, if it has one). Time grows linearly; 1 gives "
@@ -166,6 +168,9 @@ def _check_value(f: dataclasses.Field, value, force: bool) -> None:
     elif meta["choices"] is not None:
         if f.name == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value):
             return
+        if f.name == "sampler" and value in RENAMED_SAMPLERS:
+            raise ValueError(f"{who}: {value!r} was renamed {RENAMED_SAMPLERS[value]!r} (respaced ancestral "
+                             "sampling); use that name")
         if value not in meta["choices"]:
             extra = " (or cuda:N)" if f.name == "device" else ""
             raise ValueError(f"{who} must be one of {meta['choices']}{extra}, got {value!r}")

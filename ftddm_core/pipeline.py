@@ -165,13 +165,13 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
         support = np.any([masks.signal_support(c, 0, cell=cell) for c in lr_zf_all], axis=0)
         mask_slices = support & vol.to_slices(masks.brain_mask(t1_g, axis), axis)
     t1_s, flair_s = vol.to_slices(t1_g, axis), vol.to_slices(flair_g, axis)
-    conds, scales = [], []
+    conds, intensities = [], []
     for c in range(n_chan):
-        cond, scale, _ = prep.model_inputs(lr_slices[c], mask_slices, t1_s, flair_s, size)
+        cond, intensity, _ = prep.model_inputs(lr_slices[c], mask_slices, t1_s, flair_s, size)
         conds.append(cond)
-        scales.append(scale)
+        intensities.append(intensity)
     cond = torch.cat(conds)  # (C·N, 4, n1, n2), metabolite-major
-    norm = np.concatenate(scales)
+    norm = np.concatenate(intensities)  # per-map intensity scale: model space × norm = input units
     active = np.flatnonzero((norm > 0) & (cond[:, 1].flatten(1).sum(1).numpy() > 0))
     t_prep = time.perf_counter()
 
@@ -209,7 +209,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
             progress(1, 1, "done")  # chunks can end before their last reported step: close the bar at 100 %
         mean[active] = result.mean.float().cpu()
         std[active] = result.std.float().cpu()
-        nfe, calls = result.nfe, result.total_calls
+        nfe, calls = result.nfe, result.network_calls
     t_sample = time.perf_counter()
 
     # --- back to physical units and volume order ------------------------------------------------------
@@ -217,11 +217,11 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
         data = vol.from_slices(x.reshape(n_chan, n_slices, n1, n2), axis)  # (i, j, k, C)
         return vol.Volume(data.astype(np.float32), grid.affine.copy())
 
-    scale_b = norm[:, None, None]
-    sr = to_volume(mean[:, 0].numpy() * scale_b)
+    to_units = norm[:, None, None]
+    sr = to_volume(mean[:, 0].numpy() * to_units)
     calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), sampler=opts.sampler,
                                        steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d)
-    unc = to_volume(std[:, 0].numpy() * scale_b * calibration["scale"])
+    unc = to_volume(std[:, 0].numpy() * to_units * calibration["scale"])
     zf = to_volume(lr_zf_all.reshape(-1, n1, n2))
     mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())
     timings = {"prepare_s": t_prep - t_start, "sample_s": t_sample - t_prep,

@@ -50,12 +50,12 @@ def build_condition(lr_zf_norm, mask, t1, flair) -> torch.Tensor:
 
 
 def model_inputs(lr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.ndarray, size=64):
-    """LR maps on their own m1×m2 grid (N, m1, m2; physical units) → (cond (N, 4, H, W), scale (N,), |LR_zf|).
+    """LR maps on their own m1×m2 grid (N, m1, m2; physical units) → (cond (N, 4, H, W), intensity (N,), |LR_zf|).
 
     ``size`` is the target grid, an int (square) or (H, W). The one derivation shared by training and
-    inference: centred zero-fill onto the target grid, magnitude, per-map scale = robust max of |LR_zf|
-    inside the mask, y = [|LR_zf|/scale, M, T1, FLAIR]. Maps with an empty signal get scale 0 (their LR
-    channel is left at 0).
+    inference: centred zero-fill onto the target grid, magnitude, per-map intensity scale = robust max of
+    |LR_zf| inside the mask, y = [|LR_zf|/intensity, M, T1, FLAIR]. Maps with an empty signal get intensity 0
+    (their LR channel is left at 0). (Not the upscaling factor s, which the networks are conditioned on.)
     """
     from . import kspace
 
@@ -64,7 +64,7 @@ def model_inputs(lr: np.ndarray, mask: np.ndarray, t1: np.ndarray, flair: np.nda
         raise ValueError(f"LR maps must be (N, m1, m2), got shape {lr.shape}")
     lr_zf = np.abs(kspace.zero_fill(lr, size)).astype(np.float32)
     mask = np.asarray(mask, dtype=bool)
-    scale = normalisation_scale(lr_zf, mask)
-    safe = np.where(scale > 0, scale, 1.0)[:, None, None]
-    cond = build_condition((lr_zf / safe) * (scale[:, None, None] > 0), mask, t1, flair)
-    return cond, scale, lr_zf
+    intensity = normalisation_scale(lr_zf, mask)
+    safe = np.where(intensity > 0, intensity, 1.0)[:, None, None]
+    cond = build_condition((lr_zf / safe) * (intensity[:, None, None] > 0), mask, t1, flair)
+    return cond, intensity, lr_zf

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .options import NOISY_SAMPLERS
+
 METADATA_KEY = "uncertainty_calibration"  # the safetensors metadata entry of a model file
 
 
@@ -36,7 +38,7 @@ class UncertaintyCalibration:
 
     def matches(self, *, sampler: str, steps: int, tau_f: float, tau_d: float) -> bool:
         """Whether c was fitted with these sampler settings (elsewhere it is only an approximation)."""
-        stochastic = sampler in ("ancestral", "ddpm", "dpmpp-sde")
+        stochastic = sampler in NOISY_SAMPLERS
         return (sampler == self.sampler and (sampler == "ancestral" or steps == self.steps)
                 and math.isclose(tau_f, self.tau_f) and (not stochastic or math.isclose(tau_d, self.tau_d)))
 

@@ -90,7 +90,7 @@ def test_force_allows_scales_outside_the_trained_range_and_from_dict_refuses_typ
 
 
 def test_tau_d_has_an_effect_on_the_noisy_samplers_only():
-    assert [s for s in SAMPLERS if SuperResolveOptions(sampler=s).tau_d_has_effect()] == ["ancestral", "ddpm",
+    assert [s for s in SAMPLERS if SuperResolveOptions(sampler=s).tau_d_has_effect()] == ["ancestral", "respaced",
                                                                                           "dpmpp-sde"]
 
 

@@ -267,13 +267,13 @@ def test_values_and_node_references_survive_a_scene_save_and_load(real, scene, n
     volumes = {key: slicer.util.addVolumeFromArray(np.ones((2, 3, 4), np.float32), name=f"Vol_{key}")
                for key in ("mrsi", "t1", "flair")}
     node.mrsiVolume, node.t1Volume, node.flairVolume = volumes["mrsi"], volumes["t1"], volumes["flair"]
-    node.tauD, node.sampler, node.steps, node.factor, node.bf16 = 0.35, "ddpm", 25, 3.5, True
+    node.tauD, node.sampler, node.steps, node.factor, node.bf16 = 0.35, "respaced", 25, 3.5, True
     node.studyFolder = tmp_path / "study"
     node.readerName = "Dr Ä"
     node.modelPath = tmp_path / "model.safetensors"
     with saved_and_loaded(real, scene, tmp_path) as again:
         assert again.parameterNode is not node.parameterNode  # read back from the file, not the same object
-        assert (again.tauD, again.sampler, again.steps, again.factor, again.bf16) == (0.35, "ddpm", 25, 3.5, True)
+        assert (again.tauD, again.sampler, again.steps, again.factor, again.bf16) == (0.35, "respaced", 25, 3.5, True)
         assert again.studyFolder == tmp_path / "study" and again.modelPath == tmp_path / "model.safetensors"
         assert again.readerName == "Dr Ä"
         assert [again.mrsiVolume.GetName(), again.t1Volume.GetName(), again.flairVolume.GetName()] == \

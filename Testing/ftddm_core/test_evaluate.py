@@ -25,7 +25,8 @@ from ftddm_core.cli import main
 from ftddm_core.config import preset
 from ftddm_core.flow import ConditionalFlow
 from ftddm_core.model import FTDDM
-from ftddm_core.sampling import CountingDenoiser, ftddm_x0_hook, randn_like, sample_chain, sample_ftddm
+from ftddm_core.chains import CountingDenoiser, randn_like, sample_chain
+from ftddm_core.sampling import ftddm_x0_hook, sample_ftddm
 from ftddm_core.schedule import DiffusionSchedule
 from ftddm_core.unet import UNet
 

@@ -263,6 +263,6 @@ def test_a_plain_ddpm_from_noise_never_runs_the_encoder():
     cond[:, 1] = 1.0
     res = model.sample(cond, torch.full((2,), 4.0), sampler="dpmpp", start="noise", steps=2,
                        generator=torch.Generator().manual_seed(0))
-    assert calls == [] and res.nfe == 3 and res.total_calls == 3
+    assert calls == [] and res.nfe == 3 and res.network_calls == 3
     model.sample(cond, torch.full((2,), 4.0), sampler="dpmpp", steps=2)  # a flow start does use the encoder
     assert calls == [1]

@@ -32,7 +32,7 @@ class IdentityModel:
     def sample(self, cond, scale, *, force_scale=False, callback=None, **kw):
         self.calls.append((cond.clone(), scale.clone(), kw))
         mean = cond[:, :1] * cond[:, 1:2]
-        return SampleResult(mean=mean, std=0.1 * mean, nfe=11, total_calls=1, seconds=0.0)
+        return SampleResult(mean=mean, std=0.1 * mean, nfe=11, network_calls=1, seconds=0.0)
 
 
 def rotation(axis, degrees):
@@ -353,3 +353,9 @@ def test_cli_factor_flag(exam, tmp_path, tiny_model_file, capsys):
     assert cli(exam, tmp_path / "o", tiny_model_file, "--factor", "9") == 2
     err = capsys.readouterr().err
     assert "--factor 9" in err and "--force" in err
+
+
+def test_the_old_sampler_name_ddpm_is_refused_with_its_new_name():
+    with pytest.raises(ValueError, match="'ddpm' was renamed 'respaced'"):
+        SuperResolveOptions(sampler="ddpm")
+    assert SuperResolveOptions(sampler="respaced").tau_d_has_effect()

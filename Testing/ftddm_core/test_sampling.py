@@ -5,7 +5,7 @@ import torch
 
 from ftddm_core import kspace
 from ftddm_core.config import preset
-from ftddm_core.sampling import (
+from ftddm_core.chains import (
     FP32_SIGMA_OVER_ALPHA,
     CountingDenoiser,
     RunningMoments,
@@ -13,10 +13,10 @@ from ftddm_core.sampling import (
     sample_chain,
     sample_dpmpp_2m,
     sample_dpmpp_3m,
-    sample_ftddm,
     sample_respaced,
     sample_sde_dpmpp_2m,
 )
+from ftddm_core.sampling import sample_ftddm
 from ftddm_core.schedule import DiffusionSchedule, logsnr_timesteps, space_timesteps
 
 diffusers = pytest.importorskip("diffusers")
@@ -431,7 +431,7 @@ def make_cond(batch=2, size=8, seed=0, full_mask=False):
     return torch.stack([lr * mask, mask, t1, flair], dim=1)
 
 
-@pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("ddpm", "flow"), ("dpmpp", "flow"),
+@pytest.mark.parametrize("sampler,start", [("ancestral", "flow"), ("respaced", "flow"), ("dpmpp", "flow"),
                                            ("dpmpp-3m", "flow"), ("dpmpp-sde", "flow"), ("ancestral", "noise"),
                                            ("dpmpp", "noise"), ("dpmpp-sde", "noise")])
 def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
@@ -443,7 +443,7 @@ def test_ftddm_with_oracle_unet_returns_the_target(sampler, start):
 
 
 # --- 4./5. NFE and the start index -----------------------------------------------------------------------
-@pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("ddpm", 10, 11), ("dpmpp", 10, 11),
+@pytest.mark.parametrize("sampler,steps,nfe", [("ancestral", 10, 101), ("respaced", 10, 11), ("dpmpp", 10, 11),
                                                ("dpmpp", 100, 101), ("dpmpp-3m", 5, 6), ("dpmpp-sde", 10, 11),
                                                ("dpmpp-sde", 100, 101)])
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
@@ -468,10 +468,10 @@ def test_flow_start_is_at_exactly_t_trunc_and_counts_are_reported():
     # 6 chains in chunks of 4 + 2: 2 × 6 ε-UNet calls, plus one encoder call for the 3 images (once per image,
     # not per chain)
     assert result.nfe == 6 and len(model.unet.calls) == 12 and model.encoded == 3
-    assert result.total_calls == 12 + 1
+    assert result.network_calls == 12 + 1
 
 
-@pytest.mark.parametrize("sampler,first_t", [("ddpm", 999), ("dpmpp", 995), ("dpmpp-sde", 995)])
+@pytest.mark.parametrize("sampler,first_t", [("respaced", 999), ("dpmpp", 995), ("dpmpp-sde", 995)])
 def test_noise_start_runs_the_full_chain(sampler, first_t):
     """DDPM starts at T − 1; DPM-Solver++ at the λ ≥ −5.1 clip: λ_995 = −5.08 ≥ −5.1 > λ_996 = −5.37."""
     model = fake_model(analytic_unet)
@@ -483,7 +483,7 @@ def test_noise_start_runs_the_full_chain(sampler, first_t):
 
 
 @pytest.mark.parametrize("sampler,start,first_t", [("dpmpp", "flow", 100), ("dpmpp", "noise", 995),
-                                                   ("dpmpp-sde", "noise", 995), ("ddpm", "flow", 100)])
+                                                   ("dpmpp-sde", "noise", 995), ("respaced", "flow", 100)])
 def test_logsnr_spacing_reaches_the_chain(sampler, start, first_t):
     model = fake_model(analytic_unet)
     result = sample_ftddm(model, make_cond(), 4.0, sampler=sampler, start=start, steps=10, spacing="logsnr",

@@ -101,7 +101,7 @@ def test_cache_sized_and_gpu_sized_batches_give_the_plain_samples(tiny_model_fil
     plain = runs[1]
     for m, run in runs.items():
         assert run.samples.shape == (17, 2, 1, 16, 16) and run.samples.dtype == torch.float32
-        assert run.total_calls == -(-17 // m) + 4 * -(-34 // m)  # encoder calls + chain calls × NFE 4
+        assert run.network_calls == -(-17 // m) + 4 * -(-34 // m)  # encoder calls + chain calls × NFE 4
         torch.testing.assert_close(run.samples, plain.samples, rtol=0, atol=1e-5)
         torch.testing.assert_close(run.std, plain.std, rtol=0, atol=1e-5)
 

@@ -111,7 +111,7 @@ class MRSISuperResolutionLogicTest(ScriptedLoadableModuleTest):
         nodes = self._patientNodes()
         count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
         finished = []
-        handle = logic.process(nodes["NAA"], nodes["T1"], nodes["FLAIR"], modelPath=model, sampler="ddpm",
+        handle = logic.process(nodes["NAA"], nodes["T1"], nodes["FLAIR"], modelPath=model, sampler="respaced",
                                steps=100, samples=32, device="cpu", waitForCompletion=False,
                                onFinished=finished.append)
         deadline = time.monotonic() + 120

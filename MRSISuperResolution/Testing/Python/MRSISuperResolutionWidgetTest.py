@@ -17,8 +17,8 @@ class MRSISuperResolutionWidgetTest(unittest.TestCase):
         ui = self.widget.ui
         self.p.tauD = 0.55
         self.assertAlmostEqual(ui.tauDSlider.value, 0.55, places=2)
-        self.p.sampler = "ddpm"
-        self.assertEqual(ui.samplerComboBox.currentText, "ddpm")
+        self.p.sampler = "respaced"
+        self.assertEqual(ui.samplerComboBox.currentText, "respaced")
         ui.stepsSpinBox.value = 7
         self.assertEqual(self.p.steps, 7)
         ui.samplesSpinBox.value = 3
@@ -55,7 +55,7 @@ class MRSISuperResolutionWidgetTest(unittest.TestCase):
 
     def test_moving_tau_d_after_a_run_offers_a_rerun(self):
         ui = self.widget.ui
-        self.p.sampler = "ddpm"
+        self.p.sampler = "respaced"
         self.p.lastRunTauD = 0.9
         self.p.tauD = 0.5
         self.assertFalse(ui.rerunButton.isHidden())
