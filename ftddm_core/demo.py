@@ -74,7 +74,7 @@ def _remove_written(out: Path, before: dict, folders_before: set) -> tuple[int, 
 
 def _run_demo(out: Path, model_path, overwrite: bool, seed: int, samples: int, lr_size: int, progress) -> dict:
     from .options import SuperResolveOptions
-    from .pipeline import run_super_resolve, uncertainty_note
+    from .pipeline import run_super_resolve
 
     t0 = time.perf_counter()
     patient = make_patient(seed, patient_id=f"demo-{seed}")
@@ -100,7 +100,7 @@ def _run_demo(out: Path, model_path, overwrite: bool, seed: int, samples: int, l
     fig = out / "demo_figure.png"
     plot_demo(patient, out, fig, lr_size, samples=samples)
     summary = {"patient": patient.patient_id, "lr_size": lr_size, "samples": samples,
-               "uncertainty": uncertainty_note(samples),
+               "uncertainty": report["uncertainty"],
                "nfe_per_sample": report["nfe_per_sample"], "seconds": time.perf_counter() - t0,
                "sampling_seconds": report["timings"]["sample_s"], "metrics": table, "figure": str(fig)}
     atomic_write_text(out / "demo_metrics.json", json.dumps(summary, indent=2))
@@ -154,7 +154,7 @@ def plot_demo(patient, out: Path, path: Path, lr_size: int, samples: int = 2) ->
     position = F.slice_position_mm(patient.affine, patient.shape, 2, z)
     flair = vol.resample_to_grid(vol.Volume(patient.flair, patient.mri_affine), patient.affine, patient.shape)
     m = patient.quality_mask[:, :, z] > 0
-    cols = ("FLAIR", f"zero-filled {lr_size}²", "FTDDM", "ground truth", "FTDDM − truth", "uncertainty (std)")
+    cols = ("FLAIR", f"zero-filled {lr_size}²", "FTDDM", "ground truth", "FTDDM − truth", "uncertainty")
     fig, axes = plt.subplots(len(FIGURE_METABOLITES), len(cols), figsize=(2.4 * len(cols), 2.7 * len(FIGURE_METABOLITES)),
                              squeeze=False, constrained_layout=True)
     for r, name in enumerate(FIGURE_METABOLITES):
