@@ -12,6 +12,7 @@ from scipy import ndimage
 from . import prep
 from .volume import from_slices, to_slices
 
+
 def largest_component(binary: np.ndarray) -> np.ndarray:
     """The largest connected component (face connectivity) of a binary array, as bool; all of it if ≤ 1 piece."""
     labels, n = ndimage.label(binary)
