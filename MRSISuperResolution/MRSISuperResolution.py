@@ -61,7 +61,8 @@ class MRSISuperResolution(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Super-resolves low-resolution MR spectroscopic imaging (MRSI) metabolite maps with FTDDM, a "
             "flow-based truncated denoising diffusion model conditioned on the patient's T1 and FLAIR. "
-            "Outputs: super-resolved (mean of the samples), zero-filled and uncertainty (standard deviation) maps. "
+            "Outputs: super-resolved (mean of the samples), zero-filled and uncertainty (calibrated standard "
+            "deviation) maps. "
             "A Compare layout and a blinded reader study are included.<br><br>") + RESEARCH_USE_NOTICE
         self.parent.helpText += self.getDefaultModuleDocumentationLink()
         self.parent.acknowledgementText = _(
