@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ftddm_core.atomic import atomic_write_text
+from ftddm_core.checkpoint import read_safetensors
 from ftddm_core.device import generator as make_generator
 from ftddm_core.evaluation.maps import load_test_maps
 from ftddm_core.evaluation.runs import training_metadata
@@ -81,8 +82,7 @@ def main() -> None:
 
 
 def _card_text(path: Path) -> str:
-    from ftddm_core.checkpoint import read_safetensors
-
+    """The model card stored in a model file ("null" when it has none)."""
     return read_safetensors(path)[1].get("model_card", "null")
 
 
