@@ -70,8 +70,7 @@ def main() -> None:
               "validation": validation, "calibration": asdict(cal)}
     if args.write:
         model.uncertainty_calibration = cal
-        card = json.loads(_card_text(args.model))
-        model.save(args.model, overwrite=True, extra={"model_card": card} if card else None)
+        model.save(args.model, overwrite=True, extra=_kept_metadata(args.model))
         report["model_sha256_after"] = file_sha256(args.model)
         sidecar = args.model.with_suffix(".json")  # the model card beside the shipped weights
         if sidecar.is_file():
@@ -81,9 +80,11 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
-def _card_text(path: Path) -> str:
-    """The model card stored in a model file ("null" when it has none)."""
-    return read_safetensors(path)[1].get("model_card", "null")
+def _kept_metadata(path: Path) -> dict:
+    """Everything a model file records besides what FTDDM.save writes itself (the model card, `ftddm train`'s
+    training record …), so that storing c loses nothing."""
+    written_by_save = ("config", "format", "uncertainty_calibration")
+    return {k: json.loads(v) for k, v in read_safetensors(path)[1].items() if k not in written_by_save}
 
 
 if __name__ == "__main__":
