@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on the given device when asked (1.6–2.2× faster on AVX-512 CPUs), else a no-op."""
+    """bf16 autocast on the given device when asked, else a no-op; whether to ask is choose_precision's call."""
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from .. import __version__, baselines
 from ..atomic import atomic_write
-from ..device import autocast, generator as make_generator
+from ..device import autocast, choose_precision, generator as make_generator
 from ..model import DEFAULT_MODEL, FTDDM, file_sha256
 from ..sampling import flow_mode_x0
 from ..nnutil import count_parameters
@@ -133,7 +133,7 @@ def execute(spec: RunSpec, data: ScaleData, models: dict[str, LoadedModel], opts
         # tiles: the factor actually applied, √((n1/m1)(n2/m2)), may pass the trained range's ends by the
         # rounding of m_a, as in training (run_evaluation checked the requested factors)
         force = data.tiled
-        with autocast(device, opts.bf16):
+        with autocast(device, choose_precision(device, "bf16" if opts.bf16 else "fp32").bf16):
             if spec.kind == "flow":
                 res = None
                 mean = flow_estimate(model, data.cond, scale, opts.max_batch).float().numpy()[:, 0]
