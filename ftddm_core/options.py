@@ -31,6 +31,7 @@ SAMPLERS = tuple(SAMPLER_HELP)
 NOISY_SAMPLERS = ("ancestral", "respaced", "dpmpp-sde")
 #: old sampler names → new ones (refused with a message that names the new one)
 RENAMED_SAMPLERS = {"ddpm": "respaced"}
+START_CHOICES = ("flow", "renoised")  # where super-resolve's chains start (sampling also has "noise")
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index, or uniform in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "auto": CUDA, then Apple MPS, then CPU; also "cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16")  # "auto": bf16 where native and paying (device.choose_precision), else fp32
@@ -79,6 +80,16 @@ class SuperResolveOptions:
         "at 0.7); 0 = the flow's mode. "
         "Raise it when the uncertainty map matters more than the last dB", bounds=(0.0, 2.0))
     sampler: str = option("dpmpp", f"reverse-diffusion sampler: {_SAMPLER_LIST}", choices=SAMPLERS)
+    start: str = option(
+        "flow", "where each chain starts: flow = a τ_f draw of the flow at the model's Ttrunc (the paper); renoised "
+        "= the flow's mode re-noised to --t-trunc, a shorter chain (on the validation patients --start renoised "
+        "--t-trunc 10 --sampler ancestral, NFE 11, came closer to the regression's PSNR and was sharper than the "
+        "default: bench/short_chain_validation.json; the uncertainty calibration is fitted for the flow start)",
+        choices=START_CHOICES)
+    t_trunc: int = option(
+        0, "index the re-noised chain starts at, 1 … the model's Ttrunc (100 for the shipped model); NFE = t + 1 "
+        "for ancestral. 0 = automatic: the model's Ttrunc, the only index a flow start can use",
+        bounds=(1, MAX_STEPS), automatic=0)
     steps: int = option(
         10, "solver steps K from Ttrunc to 0 for dpmpp, dpmpp-3m, dpmpp-sde and respaced (NFE = K + 1; time grows "
         "linearly); ignored by ancestral (every index) and regression. 1 … Ttrunc (100 for the shipped model)",
@@ -127,6 +138,11 @@ class SuperResolveOptions:
         """Return self, or raise ValueError naming the option, its flag and the values it takes."""
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name), self.force)
+        if self.start == "flow" and self.t_trunc:
+            raise ValueError("t_trunc (--t-trunc) needs start 'renoised' (--start renoised): the flow draws x at "
+                             "the model's own Ttrunc")
+        if self.start == "renoised" and not self.t_trunc:
+            raise ValueError("start 'renoised' (--start renoised) needs t_trunc (--t-trunc), e.g. 10")
         return self
 
     def tau_d_has_effect(self) -> bool:

@@ -186,7 +186,8 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     if len(active):
         gen = make_generator(device, opts.seed)
         kw = dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                  n_samples=opts.samples, generator=gen, max_batch=max_batch)
+                  n_samples=opts.samples, generator=gen, max_batch=max_batch, start=opts.start,
+                  t_trunc=opts.t_trunc or None)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
             # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
@@ -220,7 +221,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     to_units = norm[:, None, None]
     sr = to_volume(mean[:, 0].numpy() * to_units)
     calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), sampler=opts.sampler,
-                                       steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d)
+                                       steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d, start=opts.start)
     unc = to_volume(std[:, 0].numpy() * to_units * calibration["scale"])
     zf = to_volume(lr_zf_all.reshape(-1, n1, n2))
     mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())

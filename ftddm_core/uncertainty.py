@@ -36,10 +36,11 @@ class UncertaintyCalibration:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"uncertainty calibration scale must be a finite number > 0, got {self.scale}")
 
-    def matches(self, *, sampler: str, steps: int, tau_f: float, tau_d: float) -> bool:
-        """Whether c was fitted with these sampler settings (elsewhere it is only an approximation)."""
+    def matches(self, *, sampler: str, steps: int, tau_f: float, tau_d: float, start: str = "flow") -> bool:
+        """Whether c was fitted with these sampler settings (elsewhere it is only an approximation; every fit so
+        far is of the flow start)."""
         stochastic = sampler in NOISY_SAMPLERS
-        return (sampler == self.sampler and (sampler == "ancestral" or steps == self.steps)
+        return (start == "flow" and sampler == self.sampler and (sampler == "ancestral" or steps == self.steps)
                 and math.isclose(tau_f, self.tau_f) and (not stochastic or math.isclose(tau_d, self.tau_d)))
 
     def to_json(self) -> str:

@@ -16,7 +16,7 @@ PY=.venv/bin/python
 DDPM=(--ddpm-model runs/ddpm_fold0/model.safetensors --data runs/invivo50 --fold 0 --max-slices 30 --samples 3
       --seed 0 --progress-lines)
 OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8,4,2 --studies calibration \
-  --methods zero_filled,bicubic,regression,flow_only,ddpm_respaced_100,dpmpp_noise_100,dpmpp_sde_noise_100,dpmpp_noise_20,dpmpp_noise_10,ftddm_anc_100,ftddm_anc_50,ftddm_anc_20,ftddm_dpmpp_50,ftddm_dpmpp_20,ftddm_dpmpp_10,ftddm_dpmpp3m_6,ftddm_dpmpp3m_5 \
+  --methods zero_filled,bicubic,regression,flow_only,ddpm_respaced_100,dpmpp_noise_100,dpmpp_sde_noise_100,dpmpp_noise_20,dpmpp_noise_10,ftddm_anc_100,ftddm_anc_50,ftddm_anc_20,ftddm_anc_10,ftddm_dpmpp_50,ftddm_dpmpp_20,ftddm_dpmpp_10,ftddm_dpmpp3m_6,ftddm_dpmpp3m_5 \
   --out bench/evaluate_v2_fold0 &
 OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8,4,2 --studies none \
   --methods ddpm_full,ftddm_dpmpp_10,regression,zero_filled --out bench/evaluate_v2_fold0_ddpm1000 &

@@ -178,7 +178,8 @@ def test_every_option_field_is_a_node_parameter(real):
     assert [p.field for p in parameters] == [f.name for f in dataclasses.fields(SuperResolveOptions)]
     generated = {n for p in parameters for n in (p.name, p.automatic_name) if n}
     assert generated <= set(real.module.MRSISuperResolutionParameterNode.allParameters)
-    assert {p.field for p in parameters if p.automatic_name} == {"factor", "scale", "slice_axis", "max_batch"}
+    assert {p.field for p in parameters if p.automatic_name} == {"factor", "scale", "slice_axis", "max_batch",
+                                                                 "t_trunc"}
     assert {"tauD", "dataConsistency", "sliceAxis", "maxBatch", "autoScale"} <= generated
 
 

@@ -359,3 +359,17 @@ def test_the_old_sampler_name_ddpm_is_refused_with_its_new_name():
     with pytest.raises(ValueError, match="'ddpm' was renamed 'respaced'"):
         SuperResolveOptions(sampler="ddpm")
     assert SuperResolveOptions(sampler="respaced").tau_d_has_effect()
+
+
+def test_a_renoised_short_chain_reaches_the_sampler_and_needs_both_options():
+    lr, t1, flair = oblique_case()
+    model = IdentityModel()
+    super_resolve(lr, t1, flair, model=model, samples=2, sampler="ancestral", start="renoised", t_trunc=10)
+    kw = model.calls[-1][2]
+    assert (kw["start"], kw["t_trunc"], kw["sampler"]) == ("renoised", 10, "ancestral")
+    super_resolve(lr, t1, flair, model=model, samples=2)
+    assert (model.calls[-1][2]["start"], model.calls[-1][2]["t_trunc"]) == ("flow", None)  # the model's Ttrunc
+    with pytest.raises(ValueError, match="needs start 'renoised'"):
+        SuperResolveOptions(t_trunc=10)
+    with pytest.raises(ValueError, match="needs t_trunc"):
+        SuperResolveOptions(start="renoised")

@@ -59,7 +59,7 @@ def method_specs(tau_d: float = 0.9) -> dict[str, RunSpec]:
     specs.append(RunSpec("dpmpp_sde_noise_100", "SDE-DPM-Solver++(2M) from noise, K = 100", "chain", "ddpm",
                          "dpmpp-sde", "noise", steps=100, tau_d=1.0))
     specs += [RunSpec(f"ftddm_anc_{t}", f"FTDDM Ttrunc = {t} (ancestral)", "chain", "main", "ancestral", "flow",
-                      t_start=t, tau_d=tau_d) for t in (100, 50, 20)]
+                      t_start=t, tau_d=tau_d) for t in (100, 50, 20, 10)]
     specs += [RunSpec(f"ftddm_dpmpp_{k}", f"FTDDM + DPM-Solver++ K = {k}", "chain", "main", "dpmpp", "flow",
                       t_start=None, steps=k) for k in (50, 20, 10)]
     specs += [RunSpec(f"ftddm_dpmpp3m_{k}", f"FTDDM + DPM-Solver++(3M) K = {k}", "chain", "main", "dpmpp-3m",
