@@ -21,8 +21,8 @@ import torch
 
 from ftddm_core.atomic import atomic_write_text
 from ftddm_core.device import generator as make_generator
-from ftddm_core.evaluation.maps import load_test_maps, map_metrics
-from ftddm_core.evaluation.runs import training_metadata
+from ftddm_core.evaluation.maps import map_metrics
+from ftddm_core.evaluation.runs import validation_maps
 from ftddm_core.evaluation.tables import display_path
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256
 from ftddm_core.options import SuperResolveOptions
@@ -39,14 +39,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = FTDDM.load(args.model)
-    validation = training_metadata(args.model).get("data", {}).get("validation")
-    if not validation:
-        raise SystemExit(f"{args.model}: its model card records no validation patients")
+    factors = (8.0, 4.0, 2.0)
+    validation, data = validation_maps(args.model, args.data, factors, 30)
     opts = SuperResolveOptions()
     default = dict(sampler=opts.sampler, steps=opts.steps, tau_f=opts.tau_f)
     variants = [("regression", dict(sampler="regression")), ("default", default), *RENOISED]
-    factors = (8.0, 4.0, 2.0)
-    data = load_test_maps(args.data, validation, factors, 30, model.config.unet.image_size)
     rows = []
     for f in factors:
         d = data[f]

@@ -23,8 +23,7 @@ import torch
 from ftddm_core.atomic import atomic_write_text
 from ftddm_core.checkpoint import read_safetensors
 from ftddm_core.device import generator as make_generator
-from ftddm_core.evaluation.maps import load_test_maps
-from ftddm_core.evaluation.runs import training_metadata
+from ftddm_core.evaluation.runs import validation_maps
 from ftddm_core.model import DEFAULT_MODEL, FTDDM, file_sha256
 from ftddm_core.options import SuperResolveOptions
 from ftddm_core.uncertainty import UncertaintyCalibration, fit_std_scale
@@ -41,12 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = FTDDM.load(args.model)
-    validation = training_metadata(args.model).get("data", {}).get("validation")
-    if not validation:
-        raise SystemExit(f"{args.model}: its model card records no validation patients; nothing to fit on")
-    opts = SuperResolveOptions()
     factors = [float(f) for f in args.factors.split(",")]
-    data = load_test_maps(args.data, validation, factors, args.max_maps, model.config.unet.image_size)
+    validation, data = validation_maps(args.model, args.data, factors, args.max_maps)
+    opts = SuperResolveOptions()
     errors, stds, per_factor = [], [], {}
     for f in factors:
         d = data[f]

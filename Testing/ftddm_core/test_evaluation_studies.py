@@ -103,3 +103,20 @@ def test_evaluate_flags_are_the_options_fields_with_help_and_their_defaults():
     with pytest.raises(ValueError, match="unknown method"):
         dataclass_from_args(EvaluateOptions, parser.parse_args(["--data", "d", "--out", "o", "--methods", "magic"]))
     assert "%" in parser.format_help()  # help texts with % are escaped for argparse
+
+
+def test_validation_maps_are_the_recorded_validation_patients_only(tiny_model_file, tiny_dataset, tmp_path):
+    import json
+
+    from ftddm_core.checkpoint import read_safetensors, write_safetensors
+    from ftddm_core.data import list_patients
+    from ftddm_core.evaluation.runs import validation_maps
+
+    with pytest.raises(ValueError, match="tiny.safetensors: its training record names no validation patients"):
+        validation_maps(tiny_model_file, tiny_dataset, (4.0,), 2)
+    ids = list_patients(tiny_dataset)
+    tensors, meta = read_safetensors(tiny_model_file)
+    meta["training"] = json.dumps({"data": {"validation": ids[:1]}})
+    recorded = write_safetensors(tmp_path / "recorded.safetensors", tensors, meta)
+    validation, data = validation_maps(recorded, tiny_dataset, (4.0,), 2)
+    assert validation == ids[:1] and {pid for pid, _, _ in data[4.0].ids} == set(ids[:1])

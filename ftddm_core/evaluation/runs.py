@@ -18,7 +18,7 @@ from ..device import autocast, choose_precision, generator as make_generator
 from ..model import DEFAULT_MODEL, FTDDM, file_sha256
 from ..sampling import flow_mode_x0
 from ..nnutil import count_parameters
-from .maps import ScaleData, cut_tile
+from .maps import ScaleData, cut_tile, load_test_maps
 from .methods import MODEL_ROLES, RunSpec, nfe_of
 from .options import EvaluateOptions
 
@@ -63,6 +63,17 @@ def training_metadata(path: Path) -> dict:
     if "iterations" in training:
         training.setdefault("step", training["iterations"])
     return training
+
+
+def validation_maps(model_path: Path, data_dir: Path, factors, max_maps: int) -> tuple[list[str], dict]:
+    """(validation patient ids, ScaleData per factor) of the validation patients a model file records: the
+    tiles the evaluation takes of test patients, for choices that must never look at the test maps."""
+    validation = training_metadata(model_path).get("data", {}).get("validation")
+    if not validation:
+        raise ValueError(f"{model_path}: its training record names no validation patients (a model from "
+                         "`ftddm train` or a packaged model card has them)")
+    size = FTDDM.load(model_path).config.unet.image_size
+    return validation, load_test_maps(Path(data_dir), validation, factors, max_maps, size)
 
 
 def load_models(model_path, ddpm_path, regression_path, device) -> dict[str, LoadedModel]:
