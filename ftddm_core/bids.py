@@ -28,7 +28,8 @@ NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
 OUTPUT_DESC = {"sr": "ftddm", "uncertainty": "ftddmUncertainty", "zerofilled": "zerofilled"}
 OUTPUT_DESCRIPTION = {
     "sr": "FTDDM super-resolved metabolite map: mean of the samples, in the input's units",
-    "uncertainty": "per-voxel standard deviation of the FTDDM samples, in the input's units",
+    "uncertainty": "per-voxel standard deviation of the FTDDM samples × the model's calibration factor (see "
+                   "UncertaintyCalibration), in the input's units",
     "zerofilled": "zero-filled (k-space sinc) interpolation of the input map onto the super-resolved grid",
 }
 CODE_URL = "https://github.com/MRSISuperResolution/SlicerMRSISuperResolution"
@@ -361,7 +362,8 @@ def super_resolve_session(found: Session, output_dir: Path, model, model_info: d
                                                                   found.units else {}),
                        "Metabolite": met, "Kind": kind, **common}
             if kind == "uncertainty":
-                sidecar["Uncertainty"] = uncertainty_note(options.samples)
+                sidecar["Uncertainty"] = uncertainty_note(options.samples, result.uncertainty_calibration)
+                sidecar["UncertaintyCalibration"] = result.uncertainty_calibration
             texts[output_name(name, OUTPUT_DESC[kind], ".json")] = json.dumps(sidecar, indent=2) + "\n"
     _write_outputs(folder, volumes, texts, overwrite)
     return {"maps": mets, "timings": result.timings, "warnings": messages,

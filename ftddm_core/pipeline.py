@@ -40,7 +40,7 @@ class SuperResolution:
     network_calls: int  # all batched network calls of the run
     timings: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    uncertainty_scale: dict = field(default_factory=dict)  # uncertainty.describe: c and what it was fitted on
+    uncertainty_calibration: dict = field(default_factory=dict)  # uncertainty.describe: c and what it was fitted on
 
 
 def as_volume(image, name: str) -> vol.Volume:
@@ -307,7 +307,8 @@ def run_super_resolve(lr_paths: Sequence[str | Path], out_dir: str | Path, *, t1
                                             "factor": result.grid.factor, "requested_factor":
                                                 result.grid.requested_factor, "inplane": list(result.grid.inplane),
                                             "lr_inplane": list(result.grid.lr_inplane)},
-        "uncertainty": uncertainty_note(opts.samples, result.uncertainty_scale),
+        "uncertainty": uncertainty_note(opts.samples, result.uncertainty_calibration),
+        "uncertainty_calibration": result.uncertainty_calibration,
         "outputs": [str(out_dir / name) for name in files] + [str(out_dir / f"{s}_run.json") for s in stems],
     }
     if opts.samples < 2:

@@ -166,6 +166,8 @@ def test_sidecars_carry_provenance(run, dataset, tiny_model_file):
         assert side["Options"]["samples"] == 2 and side["Options"]["steps"] == 2 and side["Options"]["mask"] == "user"
         assert side["NFEPerSample"] == 3  # DPM-Solver++ K = 2 steps + the encoder's one pass
         assert side["Timings"]["total_s"] > 0 and side["Grid"]["shape"] == [16, 16, 3]
+        # the tiny model has no σ-scaling: the uncertainty sidecar says its map is the raw std
+        assert desc != "ftddmUncertainty" or side["UncertaintyCalibration"]["scale"] == 1.0
         assert "bids:raw:sub-01/ses-V1/anat/sub-01_ses-V1_T1w.nii.gz" in side["Sources"]
     description = json.loads((run["out"] / "dataset_description.json").read_text())
     by = description["GeneratedBy"][0]

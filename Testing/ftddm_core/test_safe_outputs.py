@@ -381,6 +381,14 @@ def test_one_sample_notes_the_undefined_uncertainty(exam, tmp_path, tiny_model_f
     assert "warning: undefined with --samples 1" in capsys.readouterr().err
 
 
+def test_run_json_records_the_uncertainty_calibration(exam, tmp_path, tiny_model_file):
+    assert main(cli_args(exam, tmp_path / "o", tiny_model_file)) == 0
+    report = json.loads((tmp_path / "o" / "NAA_run.json").read_text())
+    assert report["uncertainty_calibration"] == {"scale": 1.0, "calibrated": False,
+                                                 "note": report["uncertainty_calibration"]["note"]}
+    assert "no uncertainty calibration" in report["uncertainty_calibration"]["note"]
+
+
 # ------------------------------------------------------------------------------------------ the demo
 def test_demo_interrupt_removes_what_it_wrote(tmp_path, monkeypatch):
     import ftddm_core.pipeline as P

@@ -68,4 +68,5 @@ def test_pipeline_scales_the_uncertainty_map_and_nothing_else():
     np.testing.assert_array_equal(plain.sr.data, scaled.sr.data)
     assert np.abs(plain.uncertainty.data).max() > 0
     np.testing.assert_allclose(scaled.uncertainty.data, 2.5 * plain.uncertainty.data, rtol=1e-6)
-    assert scaled.uncertainty_scale["scale"] == 2.5 and not plain.uncertainty_scale["calibrated"]
+    assert scaled.uncertainty_calibration["scale"] == 2.5 and not plain.uncertainty_calibration["calibrated"]
+
