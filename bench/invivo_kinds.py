@@ -9,7 +9,7 @@ memory by ftddm_core.invivo with seeds SeedSequence(10000 + KINDS.index(kind), s
 training derives it (data.SliceDataset without tiles: T1/FLAIR on the map grid in [0, 1], make_example(factor=F)).
 
 Methods per map: zero-filled (|LR_zf|/norm ⊙ M, the LR channel of the condition), the regression (the SR encoder's
-one pass, sampler="regression", NFE 1) and FTDDM (DPM-Solver++ K = 10, τ_f as super-resolve's default, mean of
+one pass, sampler="regression", NFE 1) and FTDDM (super-resolve's default chain, SuperResolveOptions, mean of
 n samples). Metrics against GT = x0 = HR⊙M/norm: PSNR and SSIM on the whole map as published (data_range from
 GT), RMSE and NRMSE inside M, and the sharpness ratio mean|∇out| / mean|∇GT| inside M (1 = truth-like).
 Each kind × factor is reported on its own (mean ± std, number of maps, paired Wilcoxon signed-rank p-values);
@@ -102,6 +102,14 @@ class Settings:
     bf16: bool = False
 
 
+def sampler_summary(kw: dict) -> str:
+    """super-resolve's default chain in a few words, for the report."""
+    start = (f"re-noised flow mode at t={kw['t_trunc']}" if kw["start"] == "renoised"
+             else f"flow draw at t={kw['t_trunc']}, tau_f={kw['tau_f']:g}")
+    steps = "" if kw["sampler"] == "ancestral" else f" K={kw['steps']} {kw['spacing']}"
+    return f"{kw['sampler']}{steps} from the {start}, tau_d={kw['tau_d']:g}"
+
+
 def run_methods(model: FTDDM, group: MapGroup, settings: Settings, device: torch.device) -> tuple[dict, dict]:
     """({method: (B, H, W) outputs}, {method: seconds}) for one shape group."""
     cond = torch.stack([ex["cond"] for ex in group.examples]).to(device)
@@ -113,8 +121,7 @@ def run_methods(model: FTDDM, group: MapGroup, settings: Settings, device: torch
     seconds = {"zero-filled": 0.0}
     runs = {
         "regression": dict(sampler="regression"),
-        "FTDDM": dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d,
-                      tau_f=opts.tau_f, n_samples=settings.samples,
+        "FTDDM": dict(opts.sample_kwargs(model.config.diffusion.t_trunc), n_samples=settings.samples,
                       generator=make_generator(device, settings.seed)),
     }
     for method, kw in runs.items():
@@ -359,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opts = SuperResolveOptions()
     result = {
         "model": display_path(model_path), "model_sha256": file_sha256(model_path), "samples": args.samples,
-        "seed": args.seed, "sampler": f"{opts.sampler} K={opts.steps} {opts.spacing}, tau_f={opts.tau_f:g}",
+        "seed": args.seed, "sampler": sampler_summary(opts.sample_kwargs(model.config.diffusion.t_trunc)),
         "bf16": args.bf16, "device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu_model(),
         "patients_per_kind": args.patients, "max_maps_per_kind": args.max_maps_per_kind,
         "seed_rule": f"SeedSequence({SEED_BASE} + invivo.KINDS.index(kind), spawn_key=(i,))",

@@ -150,6 +150,7 @@ def cmd_demo(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import EvaluateOptions, run_evaluation
+    from .evaluation.methods import NFE_FACTOR, REFERENCE, SSIM_MARGIN
 
     opts = dataclass_from_args(EvaluateOptions, args)  # every EvaluateOptions field has its generated flag
     progress = ProgressPrinter("evaluate", args.progress_lines)
@@ -157,7 +158,8 @@ def cmd_evaluate(args) -> int:
                              regression_model=args.regression_model, progress=progress)
     progress.close()
     head = summary["headline"]
-    print(f"headline (FTDDM K=10 within 0.01 SSIM of full-chain DDPM at ≥10× fewer NFE): {head['answer']}"
+    print(f"headline (the default sampler {REFERENCE} within {SSIM_MARGIN:g} SSIM of full-chain DDPM at "
+          f"≥{NFE_FACTOR:g}× fewer NFE): {head['answer']}"
           + (f" — {head['reason']}" if head.get("reason") else ""))
     print(f"{summary['jobs']} runs ({summary['jobs_from_cache']} from the cache) → {summary['report']}")
     return 0

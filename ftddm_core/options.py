@@ -18,10 +18,10 @@ from .flags import cli_flag
 
 #: sampler → what it does (the CLI help and the Slicer combo box list them in this order; default first)
 SAMPLER_HELP = {
-    "dpmpp": "DPM-Solver++(2M) from the flow start, deterministic given the start: NFE = steps + 1 (default)",
-    "dpmpp-3m": "DPM-Solver++(3M), third order, deterministic: NFE = steps + 1; --steps 5 costs ≤ 0.0003 SSIM "
-                "against the default in the committed evaluation at 0.6× its time",
-    "ancestral": "the paper's Algorithm 1, every index from Ttrunc to 0: NFE = Ttrunc + 1 (101), slow on CPU",
+    "ancestral": "the paper's Algorithm 1, every index from the chain's start to 0: NFE = t + 1; from the default "
+                 "re-noised start at t = 10, NFE 11 (default)",
+    "dpmpp": "DPM-Solver++(2M), deterministic given the start: NFE = steps + 1",
+    "dpmpp-3m": "DPM-Solver++(3M), third order, deterministic: NFE = steps + 1",
     "respaced": "ancestral (DDPM) sampling respaced to `steps` indices: NFE = steps + 1",
     "dpmpp-sde": "SDE-DPM-Solver++(2M), stochastic: NFE = steps + 1",
     "regression": "the SR encoder's one-pass output: NFE 1, the fastest preview, no uncertainty",
@@ -31,7 +31,10 @@ SAMPLERS = tuple(SAMPLER_HELP)
 NOISY_SAMPLERS = ("ancestral", "respaced", "dpmpp-sde")
 #: old sampler names → new ones (refused with a message that names the new one)
 RENAMED_SAMPLERS = {"ddpm": "respaced"}
-START_CHOICES = ("flow", "renoised")  # where super-resolve's chains start (sampling also has "noise")
+START_CHOICES = ("renoised", "flow")  # where super-resolve's chains start (sampling also has "noise"); default first
+#: the automatic chain start of start="renoised": the flow's mode re-noised to this index (chosen on fold 0's
+#: validation patients, bench/short_chain_validation.json; lowered to the model's Ttrunc when that is smaller)
+RENOISED_T_TRUNC = 10
 SPACINGS = ("uniform", "logsnr")  # solver steps uniform in index, or uniform in λ = log(α/σ)
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "auto": CUDA, then Apple MPS, then CPU; also "cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16")  # "auto": bf16 where native and paying (device.choose_precision), else fp32
@@ -74,25 +77,26 @@ class SuperResolveOptions:
         "samplers inject at each step (no effect on dpmpp, dpmpp-3m and regression). Lower = smoother maps and higher PSNR, "
         "1 = the trained noise level, higher = sharper but noisier", bounds=(0.0, 2.0))
     tau_f: float = option(
-        0.7, "flow temperature τ_f, 0 … 2: spread of the truncated start x_Ttrunc around the encoder's estimate. "
-        "1 = the spread the flow is trained for (1.1–1.5 dB below the encoder's PSNR); 0.7, chosen on validation "
-        "patients, costs 0.2 dB; its narrower spread is rescaled by the model's uncertainty calibration (fitted "
-        "at 0.7); 0 = the flow's mode. "
-        "Raise it when the uncertainty map matters more than the last dB", bounds=(0.0, 2.0))
-    sampler: str = option("dpmpp", f"reverse-diffusion sampler: {_SAMPLER_LIST}", choices=SAMPLERS)
+        0.7, "flow temperature τ_f, 0 … 2, for --start flow only (the default re-noised start uses the flow's "
+        "mode): spread of the truncated start x_Ttrunc around the encoder's estimate. 1 = the spread the flow is "
+        "trained for (1.1–1.5 dB below the encoder's PSNR); 0.7, chosen on validation patients, costs 0.2 dB; 0 = "
+        "the flow's mode. Raise it when the uncertainty map matters more than the last dB", bounds=(0.0, 2.0))
+    sampler: str = option("ancestral", f"reverse-diffusion sampler: {_SAMPLER_LIST}", choices=SAMPLERS)
     start: str = option(
-        "flow", "where each chain starts: flow = a τ_f draw of the flow at the model's Ttrunc (the paper); renoised "
-        "= the flow's mode re-noised to --t-trunc, a shorter chain (on the validation patients --start renoised "
-        "--t-trunc 10 --sampler ancestral, NFE 11, came closer to the regression's PSNR and was sharper than the "
-        "default: bench/short_chain_validation.json; the uncertainty calibration is fitted for the flow start)",
-        choices=START_CHOICES)
+        "renoised", "where each chain starts: renoised (default) = the flow's mode re-noised to --t-trunc "
+        f"(automatic: t = {RENOISED_T_TRUNC}), a short chain chosen on the validation patients "
+        "(bench/short_chain_validation.json: with the ancestral sampler, NFE 11, within 0.3 dB of the regression's "
+        "PSNR and sharper than it); flow = a τ_f draw of the flow at the model's Ttrunc (the paper's start, 100 for "
+        "the shipped model)", choices=START_CHOICES)
     t_trunc: int = option(
-        0, "index the re-noised chain starts at, 1 … the model's Ttrunc (100 for the shipped model); NFE = t + 1 "
-        "for ancestral. 0 = automatic: the model's Ttrunc, the only index a flow start can use",
+        0, "index a re-noised chain starts at, 1 … the model's Ttrunc (100 for the shipped model); NFE = t + 1 "
+        f"for ancestral. 0 = automatic: {RENOISED_T_TRUNC} for --start renoised (or the model's Ttrunc if smaller), "
+        "the model's Ttrunc for --start flow, the only index a flow draw exists at",
         bounds=(1, MAX_STEPS), automatic=0)
     steps: int = option(
-        10, "solver steps K from Ttrunc to 0 for dpmpp, dpmpp-3m, dpmpp-sde and respaced (NFE = K + 1; time grows "
-        "linearly); ignored by ancestral (every index) and regression. 1 … Ttrunc (100 for the shipped model)",
+        10, "solver steps K from the chain's start to 0 for dpmpp, dpmpp-3m, dpmpp-sde and respaced (NFE = K + 1; "
+        "time grows linearly); ignored by ancestral (every index) and regression. 1 … the start index (10 for the "
+        "default re-noised start, 100 for --start flow with the shipped model)",
         bounds=(1, MAX_STEPS))
     spacing: str = option(
         "uniform", "where the K solver steps sit between Ttrunc and 0: uniform (in timestep index) or logsnr "
@@ -141,9 +145,24 @@ class SuperResolveOptions:
         if self.start == "flow" and self.t_trunc:
             raise ValueError("t_trunc (--t-trunc) needs start 'renoised' (--start renoised): the flow draws x at "
                              "the model's own Ttrunc")
-        if self.start == "renoised" and not self.t_trunc:
-            raise ValueError("start 'renoised' (--start renoised) needs t_trunc (--t-trunc), e.g. 10")
+        step_based = self.sampler not in ("ancestral", "regression")
+        if step_based and self.start == "renoised" and self.steps > (self.t_trunc or RENOISED_T_TRUNC):
+            raise ValueError(f"steps (--steps) {self.steps} do not fit the re-noised chain, which starts at index "
+                             f"t = {self.t_trunc or RENOISED_T_TRUNC} (--t-trunc): use at most that many steps, a "
+                             "larger --t-trunc, or --start flow for a chain from the model's Ttrunc")
         return self
+
+    def chain_start(self, model_t_trunc: int) -> int:
+        """The index the chains start at for a model whose flow sits at index model_t_trunc (its Ttrunc)."""
+        if self.start == "flow":
+            return int(model_t_trunc)
+        return int(self.t_trunc or min(RENOISED_T_TRUNC, model_t_trunc))
+
+    def sample_kwargs(self, model_t_trunc: int) -> dict:
+        """The keywords of FTDDM.sample (sampling.sample_ftddm) these options mean, the start index resolved."""
+        return dict(sampler=self.sampler, start=self.start, t_trunc=self.chain_start(model_t_trunc),
+                    steps=self.steps, spacing=self.spacing, tau_d=self.tau_d, tau_f=self.tau_f,
+                    n_samples=self.samples)
 
     def tau_d_has_effect(self) -> bool:
         """τ_d scales the injected noise of the noisy samplers only (DPM-Solver++ here is deterministic)."""

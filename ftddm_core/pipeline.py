@@ -183,11 +183,10 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     nfe, calls = 0, 0
     precision = choose_precision(device, "bf16" if opts.bf16 else opts.precision)
     max_batch = auto_batch(device, opts.max_batch, n1 * n2)
+    chain_start_limit = int(model.config.diffusion.t_trunc)  # the flow's index: no chain starts above it
     if len(active):
         gen = make_generator(device, opts.seed)
-        kw = dict(sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                  n_samples=opts.samples, generator=gen, max_batch=max_batch, start=opts.start,
-                  t_trunc=opts.t_trunc or None)
+        kw = dict(opts.sample_kwargs(chain_start_limit), generator=gen, max_batch=max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
             # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
@@ -220,8 +219,10 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
 
     to_units = norm[:, None, None]
     sr = to_volume(mean[:, 0].numpy() * to_units)
-    calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), sampler=opts.sampler,
-                                       steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d, start=opts.start)
+    chain_start = opts.chain_start(chain_start_limit)
+    calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), float(s_cond), opts.samples,
+                                       sampler=opts.sampler, steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d,
+                                       start=opts.start, t_trunc=chain_start)
     unc = to_volume(std[:, 0].numpy() * to_units * calibration["scale"])
     zf = to_volume(lr_zf_all.reshape(-1, n1, n2))
     mask_vol = vol.Volume(vol.from_slices(mask_slices, axis).astype(np.uint8), grid.affine.copy())
@@ -230,7 +231,7 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     return SuperResolution(sr, zf, unc, mask_vol, grid, nfe, calls, timings,
                            {**asdict(opts), "scale": float(s_cond), "factor": float(grid.requested_factor),
                             "output_inplane": list(grid.inplane), "lr_inplane": list(grid.lr_inplane),
-                            "slice_axis": int(axis), "inputs": names,
+                            "slice_axis": int(axis), "chain_start_index": chain_start, "inputs": names,
                             "device": str(device), "mask": "user" if user_mask is not None else "automatic",
                             "precision_used": precision.as_dict(), "max_batch_used": max_batch},
                            calibration)

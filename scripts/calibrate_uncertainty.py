@@ -2,10 +2,10 @@
 
 The model's default sampler (the options of `ftddm super-resolve`, samples = its default 8) runs on up to
 --max-maps tiles per factor of the validation patients recorded in the model card (the same tiles the
-evaluation takes of the test patients); c = RMSE / mean std over the in-mask voxels of all factors together
-(ftddm_core.uncertainty). Writes the fit as JSON and, with --write, stores it in the model file's metadata
-(tensors and everything else unchanged; the file's sha256 changes, so re-run its evaluations) and in the
-model card JSON beside it.
+evaluation takes of the test patients); c = RMSE / mean std over the in-mask voxels of each factor (applied
+linear in log s between them) and of all factors together (ftddm_core.uncertainty). Writes the fit as JSON
+and, with --write, stores it in the model file's metadata (tensors and everything else unchanged; the file's
+sha256 changes, so re-run its evaluations) and in the model card JSON beside it.
 
 Run: PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/calibrate_uncertainty.py --data runs/invivo50 \
          --out bench/calibrate_uncertainty.json [--write]          (about 2 minutes on one core)
@@ -43,12 +43,12 @@ def main() -> None:
     factors = [float(f) for f in args.factors.split(",")]
     validation, data = validation_maps(args.model, args.data, factors, args.max_maps)
     opts = SuperResolveOptions()
+    flow_index = model.config.diffusion.t_trunc
     errors, stds, per_factor = [], [], {}
     for f in factors:
         d = data[f]
         res = model.sample(d.cond, torch.as_tensor(d.cond_scale, dtype=torch.float32), force_scale=True,
-                           sampler=opts.sampler, steps=opts.steps, spacing=opts.spacing, tau_d=opts.tau_d,
-                           tau_f=opts.tau_f, n_samples=opts.samples, max_batch=opts.max_batch,
+                           **opts.sample_kwargs(flow_index), max_batch=16,
                            generator=make_generator(torch.device("cpu"), opts.seed))
         m = d.mask
         e, s = (res.mean[:, 0].numpy() - d.gt)[m], res.std[:, 0].numpy()[m]
@@ -58,7 +58,8 @@ def main() -> None:
     scale = fit_std_scale(np.concatenate(errors), np.concatenate(stds))
     cal = UncertaintyCalibration(
         scale=round(scale, 4), sampler=opts.sampler, steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d,
-        samples=opts.samples, per_factor=per_factor,
+        samples=opts.samples, per_factor=per_factor, start=opts.start,
+        t_trunc=0 if opts.start == "flow" else opts.chain_start(flow_index),
         fitted_on=f"{sum(len(data[f].ids) for f in factors)} tiles of the {len(validation)} validation patients "
                   f"(F = {args.factors})")
     print(f"c = {cal.scale}")

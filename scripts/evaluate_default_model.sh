@@ -19,6 +19,6 @@ OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8,4,2 --s
   --methods zero_filled,bicubic,regression,flow_only,ddpm_respaced_100,dpmpp_noise_100,dpmpp_sde_noise_100,dpmpp_noise_20,dpmpp_noise_10,ftddm_anc_100,ftddm_anc_50,ftddm_anc_20,ftddm_anc_10,ftddm_dpmpp_50,ftddm_dpmpp_20,ftddm_dpmpp_10,ftddm_dpmpp3m_6,ftddm_dpmpp3m_5 \
   --out bench/evaluate_v2_fold0 &
 OMP_NUM_THREADS=1 $PY -m ftddm_core.cli evaluate "${DDPM[@]}" --scales 8,4,2 --studies none \
-  --methods ddpm_full,ftddm_dpmpp_10,regression,zero_filled --out bench/evaluate_v2_fold0_ddpm1000 &
+  --methods ddpm_full,ftddm_anc_10,regression,zero_filled --out bench/evaluate_v2_fold0_ddpm1000 &
 wait
 OMP_NUM_THREADS=1 $PY -m bench.invivo_kinds --overwrite --max-maps-per-kind 60

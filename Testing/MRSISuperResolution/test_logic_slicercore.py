@@ -149,7 +149,7 @@ def test_cancel_of_a_background_run_leaves_the_scene_unchanged(module, scene, pa
     volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     finished, progress = [], []
     handle = logic.process(patient["NAA"], patient["T1"], patient["FLAIR"], modelPath=str(tiny_model),
-                           sampler="respaced", steps=100, samples=32, device="cpu", waitForCompletion=False,
+                           sampler="respaced", start="flow", steps=100, samples=32, device="cpu", waitForCompletion=False,
                            onProgress=progress.append, onFinished=finished.append)
     timer = handle._timer
     assert timer.active and timer.interval == module.RunHandle.POLL_MS

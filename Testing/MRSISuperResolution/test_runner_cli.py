@@ -69,7 +69,7 @@ def test_user_errors_surface_as_one_line(tmp_path, sample_patient, tiny_model):
 
 
 def test_cancel_kills_the_process_tree_and_cleans_up(tmp_path, sample_patient, tiny_model):
-    job = make_job(tmp_path, sample_patient, tiny_model, sampler="respaced", steps=100, samples=32)
+    job = make_job(tmp_path, sample_patient, tiny_model, sampler="respaced", start="flow", steps=100, samples=32)
     job.start()
     deadline = time.monotonic() + 60
     while job.progress is None and job.state == runner.RUNNING and time.monotonic() < deadline:

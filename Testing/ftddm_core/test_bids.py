@@ -19,7 +19,7 @@ from ftddm_core.bids import find_sessions, open_dataset, output_name, split_bids
 from ftddm_core.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--factor", "2", "--samples", "2", "--steps", "2", "--device", "cpu"]
+FAST = ["--factor", "2", "--samples", "2", "--steps", "2", "--t-trunc", "2", "--device", "cpu"]
 METS = ("NAA", "tCho")
 
 
@@ -164,7 +164,7 @@ def test_sidecars_carry_provenance(run, dataset, tiny_model_file):
         assert sorted(by_role.values()) == sorted(sha256(f) for f in files)
         assert side["Model"]["sha256"] == sha256(tiny_model_file)
         assert side["Options"]["samples"] == 2 and side["Options"]["steps"] == 2 and side["Options"]["mask"] == "user"
-        assert side["NFEPerSample"] == 3  # DPM-Solver++ K = 2 steps + the encoder's one pass
+        assert side["NFEPerSample"] == 3  # ancestral from the re-noised t = 2: indices 2, 1, 0
         assert side["Timings"]["total_s"] > 0 and side["Grid"]["shape"] == [16, 16, 3]
         # the tiny model has no σ-scaling: the uncertainty sidecar says its map is the raw std
         assert desc != "ftddmUncertainty" or side["UncertaintyCalibration"]["scale"] == 1.0

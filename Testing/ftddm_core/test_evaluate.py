@@ -13,7 +13,7 @@ from scipy.stats import pearsonr, wilcoxon
 
 from ftddm_core.evaluation import maps
 from ftddm_core.evaluation.markdown import gap_diagnosis, training_line
-from ftddm_core.evaluation.methods import METHOD_NAMES, method_specs
+from ftddm_core.evaluation.methods import METHOD_NAMES, REFERENCE, method_specs, resolve_spec
 from ftddm_core.evaluation.options import STUDIES, EvaluateOptions, parse_names, parse_scales
 from ftddm_core.evaluation.runs import execute, training_metadata
 from ftddm_core.evaluation.stats import (CALIBRATION_BINS, aggregate, calibration, finite_stats, gradient_ratio,
@@ -103,7 +103,7 @@ def test_wilcoxon_pairs_maps_by_identity_not_by_position():
     rng = np.random.default_rng(3)
     ref = rng.random(12)
     other = ref - np.linspace(-0.02, 0.1, 12)  # mostly worse, increasingly so
-    rows = per_map_rows("ftddm_dpmpp_10", ref, range(12)) + per_map_rows("x", other, rng.permutation(12))
+    rows = per_map_rows(REFERENCE, ref, range(12)) + per_map_rows("x", other, rng.permutation(12))
     table = {t["metric"]: t for t in wilcoxon_table(rows)}
     assert set(table) == {"ssim", "psnr", "nrmse", "gradient_ratio"}
     expected = wilcoxon(ref, other)
@@ -327,7 +327,7 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
                                          "dpmpp_sde_noise_100"}
     assert len(methods) == 2 * len(names)
     by = {(r["method"], float(r["scale"])): r for r in methods}
-    assert by[("ftddm_dpmpp_10", 8.0)]["nfe"] == "11" and by[("ddpm_full", 8.0)]["nfe"] == "101"
+    assert by[(REFERENCE, 8.0)]["nfe"] == "11" and by[("ddpm_full", 8.0)]["nfe"] == "101"
     assert by[("flow_only", 4.0)]["nfe"] == "0" and by[("flow_only", 4.0)]["flow_passes"] == "1"
     assert by[("regression", 4.0)]["nfe"] == "1" and by[("zero_filled", 4.0)]["parameters"] == "0"
     per_map = read_csv(out / "per_map.csv")
@@ -340,7 +340,7 @@ def test_evaluate_end_to_end_and_cache_reuse(tiny_dataset, models, tmp_path, mon
     row = next(r for r in per_map if r["method"] == "zero_filled" and float(r["scale"]) == 4.0)
     assert float(row["ssim"]) == pytest.approx(structural_similarity(data.gt[0], zf, data_range=float(
         data.gt[0].max() - data.gt[0].min())), rel=1e-4)
-    assert {r["method"] for r in read_csv(out / "wilcoxon.csv")} == names - {"ftddm_dpmpp_10"}
+    assert {r["method"] for r in read_csv(out / "wilcoxon.csv")} == names - {REFERENCE}
     tau = read_csv(out / "study_tau_d.csv")
     assert sorted({float(r["tau_d"]) for r in tau}) == list(TAU_D_VALUES)
     assert len(read_csv(out / "study_scale_mismatch.csv")) == 4
@@ -475,9 +475,9 @@ def test_evaluate_runs_on_an_invivo_like_dataset(invivo_dataset, models, tmp_pat
 
 
 def test_gap_diagnosis_subtracts_the_probe_methods_only_at_failing_scales():
-    ssim = {("ftddm_dpmpp_10", 8.0): 0.90, ("ftddm_dpmpp_50", 8.0): 0.91, ("ftddm_anc_100", 8.0): 0.93,
+    ssim = {(REFERENCE, 8.0): 0.90, ("ftddm_anc_20", 8.0): 0.91, ("ftddm_anc_100", 8.0): 0.93,
             ("flow_only", 8.0): 0.80, ("zero_filled", 8.0): 0.75}
-    ctx = SimpleNamespace(methods=["ftddm_dpmpp_10", "ftddm_dpmpp_50", "ftddm_anc_100", "flow_only", "zero_filled"],
+    ctx = SimpleNamespace(methods=[REFERENCE, "ftddm_anc_20", "ftddm_anc_100", "flow_only", "zero_filled"],
                           job_of={k: k for k in ssim}, metric_rows=lambda name, s: [{"ssim": ssim[(name, s)]}])
     headline = {"per_scale": [{"scale": 8.0, "ssim_difference": -0.05, "within_margin": False},
                               {"scale": 4.0, "ssim_difference": 0.0, "within_margin": True}]}

@@ -63,6 +63,18 @@ def test_fast_ftddm_specs_start_at_the_models_ttrunc():
     assert "above the flow's index" in resolve_spec(method_specs()["ftddm_anc_100"], fake_models(t_trunc=20))[1]
 
 
+def test_the_reference_method_is_what_super_resolve_runs_by_default():
+    """The evaluation's reference (Wilcoxon, headline, calibration study) must be the shipped default sampler."""
+    from ftddm_core.options import SuperResolveOptions
+
+    opts = SuperResolveOptions()
+    for t_trunc in (20, 100):
+        spec, why = resolve_spec(method_specs(opts.tau_d)[REFERENCE], fake_models(t_trunc=t_trunc))
+        kw = opts.sample_kwargs(t_trunc)
+        assert why is None and (spec.sampler, spec.start, spec.t_start, spec.tau_d) == (
+            kw["sampler"], kw["start"], kw["t_trunc"], kw["tau_d"])
+
+
 def test_a_study_section_has_its_notes_and_figure_and_a_table_only_with_rows():
     opts = EvaluateOptions(scales=(4.0,), samples=1)
     study = CalibrationStudy(opts, fake_models(), method_specs())

@@ -10,7 +10,7 @@ from ftddm_core import kspace, volume as V
 from ftddm_core.cli import main
 from ftddm_core.config import preset
 from ftddm_core.demo import simulate_lr
-from ftddm_core.options import SuperResolveOptions
+from ftddm_core.options import RENOISED_T_TRUNC, SuperResolveOptions
 from ftddm_core.pipeline import super_resolve
 from ftddm_core.sampling import SampleResult
 
@@ -259,7 +259,7 @@ def exam(tmp_path_factory):
 
 def cli(exam, out, model, *extra):
     args = ["super-resolve", "--lr", str(exam["NAA"]), "--lr", str(exam["tCho"]), "--t1", str(exam["t1"]),
-            "--flair", str(exam["flair"]), "--out", str(out), "--model", str(model), "--steps", "2",
+            "--flair", str(exam["flair"]), "--out", str(out), "--model", str(model), "--steps", "2", "--t-trunc", "2",
             "--samples", "2", "--device", "cpu", *extra]
     return main(args)
 
@@ -361,15 +361,20 @@ def test_the_old_sampler_name_ddpm_is_refused_with_its_new_name():
     assert SuperResolveOptions(sampler="respaced").tau_d_has_effect()
 
 
-def test_a_renoised_short_chain_reaches_the_sampler_and_needs_both_options():
+def test_the_default_chain_is_the_renoised_short_chain_and_the_flow_start_keeps_the_models_ttrunc():
     lr, t1, flair = oblique_case()
     model = IdentityModel()
-    super_resolve(lr, t1, flair, model=model, samples=2, sampler="ancestral", start="renoised", t_trunc=10)
+    ttrunc = model.config.diffusion.t_trunc
+    result = super_resolve(lr, t1, flair, model=model, samples=2)
     kw = model.calls[-1][2]
-    assert (kw["start"], kw["t_trunc"], kw["sampler"]) == ("renoised", 10, "ancestral")
-    super_resolve(lr, t1, flair, model=model, samples=2)
-    assert (model.calls[-1][2]["start"], model.calls[-1][2]["t_trunc"]) == ("flow", None)  # the model's Ttrunc
+    assert (kw["start"], kw["t_trunc"], kw["sampler"]) == ("renoised", min(RENOISED_T_TRUNC, ttrunc), "ancestral")
+    assert result.options["chain_start_index"] == kw["t_trunc"]
+    super_resolve(lr, t1, flair, model=model, samples=2, start="renoised", t_trunc=5, sampler="dpmpp", steps=5)
+    assert (model.calls[-1][2]["t_trunc"], model.calls[-1][2]["steps"]) == (5, 5)
+    super_resolve(lr, t1, flair, model=model, samples=2, start="flow", sampler="dpmpp")
+    assert (model.calls[-1][2]["start"], model.calls[-1][2]["t_trunc"]) == ("flow", ttrunc)
     with pytest.raises(ValueError, match="needs start 'renoised'"):
-        SuperResolveOptions(t_trunc=10)
-    with pytest.raises(ValueError, match="needs t_trunc"):
-        SuperResolveOptions(start="renoised")
+        SuperResolveOptions(start="flow", t_trunc=10)
+    with pytest.raises(ValueError, match="steps.*20.*index t = 10.*--start flow"):
+        SuperResolveOptions(sampler="dpmpp", steps=20)
+    assert SuperResolveOptions(sampler="dpmpp", steps=20, start="flow").steps == 20

@@ -9,7 +9,8 @@ from ..chains import chain_nfe, noise_start_index
 if TYPE_CHECKING:
     from .runs import LoadedModel
 
-REFERENCE = "ftddm_dpmpp_10"  # the shipped default sampler: DPM-Solver++ K = 10 from the flow (NFE 11)
+# the shipped default sampler (SuperResolveOptions()): the flow's mode re-noised to t = 10, ancestral (NFE 11)
+REFERENCE = "ftddm_anc_10"
 HEADLINE_DDPM = "ddpm_full"
 SSIM_MARGIN, NFE_FACTOR = 0.01, 10.0  # headline: within 0.01 SSIM of full-chain DDPM at ≥ 10× fewer NFE
 MODEL_ROLES = {"main": "--model", "ddpm": "--ddpm-model", "regression": "--regression-model"}

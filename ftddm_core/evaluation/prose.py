@@ -28,7 +28,8 @@ TRAINING = "trained on {dataset}, fold {fold}, split seed {split_seed}, {step} i
 
 # --- headline
 HEADLINE_HEADING = "## Headline: fast FTDDM vs full-chain DDPM"
-QUESTION = ("Question: is FTDDM with the fast default sampler (DPM-Solver++ K = 10 from the flow, `{reference}`) "
+QUESTION = ("Question: is FTDDM with the fast default sampler (the flow's mode re-noised to t = 10, ancestral, "
+            "`{reference}`) "
             "within {margin} SSIM of the full-chain DDPM of the same training at ≥ {factor:g}× fewer NFE?")
 NOT_ANSWERED = ("**Not answered**: {reason}. Full-chain DDPM needs a UNet trained on every index t ∈ [0, T − 1]; "
                 "the FTDDM model's UNet only saw the truncated chain t ∈ [0, Ttrunc], so running it from pure noise "
@@ -38,7 +39,7 @@ ANSWER = ("**Answer: {answer}.** (Δ SSIM = FTDDM − DDPM, mean over maps; 'wit
 BOTH_MODELS = "Both models: FTDDM — {ftddm}; DDPM — {ddpm}{caveat}."
 NOT_SAME_TRAINING = " (**not** verified to be the same training data/iterations)"
 MEANS_OVER = "Means over {counts} maps per scale; with few maps the answer is indicative only."
-GAP = ("Where the gap comes from (Δ SSIM, mean over maps; ≈ 0 for more solver steps means the solver has converged, "
+GAP = ("Where the gap comes from (Δ SSIM, mean over maps; ≈ 0 for a longer chain means the chain has converged, "
        "so the gap lies in the start the chain inherits):")
 
 # --- methods and statistics
@@ -72,10 +73,11 @@ T_TRUNC = ("Ancestral FTDDM from different Ttrunc (0 = flow only). Indices below
 CALIBRATION_HEADING = "### Uncertainty calibration"
 CALIBRATION = ("Per-voxel std over {samples} samples of `{reference}` vs absolute error |mean − GT|, voxels in M. A "
                "calibrated std has RMSE ≈ std in every bin (identity line of the reliability plot).")
-CALIBRATION_FITTED = ("c = {c:.4g} is the model file's uncertainty calibration (σ-scaling, ftddm_core.uncertainty), "
-                      "fitted on {fitted_on} with {samples} samples per map, never on these test maps: the "
-                      "uncertainty map `ftddm super-resolve` writes is c × std. It rescales the map, it does not "
-                      "change Pearson r or Spearman ρ.")
+CALIBRATION_FITTED = ("c (column c) is the model file's uncertainty calibration at each s (σ-scaling per factor, "
+                      "linear in log s between them, times c4({samples}) / c4(n) for n samples; "
+                      "ftddm_core.uncertainty), fitted on {fitted_on} with {samples} samples per map, never on these "
+                      "test maps: the uncertainty map `ftddm super-resolve` writes is c × std. It rescales the map, "
+                      "it does not change Pearson r or Spearman ρ.")
 CALIBRATION_NONE = "The model file has no uncertainty calibration (c = 1: the map is the raw std of the samples)."
 PANELS_HEADING = "## Qualitative panels"
 PANELS = ("The map with the largest mask per scale, in model space (normalised units: HR ⊙ M over the map's "

@@ -216,13 +216,13 @@ class CalibrationStudy(Study):
             return [], [f"skipped: per-voxel std needs --samples ≥ 2 (got {self.opts.samples})"]
         rows = []
         fitted = ctx.models["main"].model.uncertainty_calibration
-        c = fitted.scale if fitted is not None else 1.0
         for s in self.opts.scales:
             d, res = ctx.data[s], ctx.result(self.spec.name, s)
             err = np.abs(res["mean"] - d.gt)[d.mask]
             rows.append({"scale": s, "method": self.spec.name, "samples": res["samples"],
-                         **calibration(err, res["std"][d.mask]), "calibration_scale": c})
-        notes = [prose.CALIBRATION_FITTED.format(c=c, fitted_on=fitted.fitted_on, samples=fitted.samples)
+                         **calibration(err, res["std"][d.mask]),
+                         "calibration_scale": fitted.scale_for(s, res["samples"]) if fitted is not None else 1.0})
+        notes = [prose.CALIBRATION_FITTED.format(fitted_on=fitted.fitted_on, samples=fitted.samples)
                  if fitted is not None else prose.CALIBRATION_NONE]
         return rows, notes
 
