@@ -362,13 +362,29 @@ def test_failed_move_restores_the_earlier_outputs(exam, tmp_path, tiny_model_fil
 
 def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
     seen = []
-    with pytest.raises(KeyboardInterrupt):
-        with atomic.deferred_interrupts():
-            # raise_signal runs the C handler in this thread before it returns (os.kill may hand the signal to
-            # one of torch's threads and the Python handler then runs late, after the block: a flaky test)
-            signal.raise_signal(signal.SIGINT)
-            seen.append("block finished")
+    # Python's own Ctrl-C handler, whatever the test process inherited: a job started in the background by a
+    # non-interactive shell ignores SIGINT, and the block then rightly delivers it to SIG_IGN
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic.deferred_interrupts():
+                # raise_signal runs the C handler in this thread before it returns (os.kill may hand the signal
+                # to one of torch's threads and the Python handler then runs late, after the block: a flaky test)
+                signal.raise_signal(signal.SIGINT)
+                seen.append("block finished")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert seen == ["block finished"]
+
+
+def test_deferred_interrupts_deliver_to_an_ignoring_handler_as_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with atomic.deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored, and the held signal stayed ignored
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------ --samples 1
