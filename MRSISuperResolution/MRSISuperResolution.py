@@ -261,6 +261,7 @@ class MRSISuperResolutionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.modelPathLineEdit.enabled = not p.useDefaultModel
         self.ui.scaleSpinBox.enabled = not p.autoScale
         self.ui.factorSpinBox.enabled = not p.autoFactor
+        self.ui.tauFSlider.enabled = p.start == "flow"  # a re-noised chain starts from the flow's mode: no τ_f
         maps = self.logic.mrsiInputs(p.mrsiVolume, p.allMetabolites, [p.t1Volume, p.flairVolume, p.maskVolume])
         self.ui.metabolitesListLabel.text = (_("Maps: {names}").format(names=", ".join(n.GetName() for n in maps))
                                              if maps else "")

@@ -417,3 +417,10 @@ def test_the_run_passes_factor_exactly_when_automatic_is_off(real, node, tmp_pat
     node.autoFactor = True
     argv = command()
     assert "--factor" not in argv and cli.build_parser().parse_args(argv).factor == 0.0  # the engine's automatic
+
+
+def test_the_flow_temperature_is_enabled_only_for_the_flow_start(real, node):
+    node.mrsiVolume = _mrsi_node((16, 16, 6), (10.0, 10.0, 20.0))
+    assert node.start == "renoised" and _widget_showing(real, node).ui.tauFSlider.enabled is False
+    node.start = "flow"
+    assert _widget_showing(real, node).ui.tauFSlider.enabled is True
