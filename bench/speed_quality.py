@@ -1,10 +1,11 @@
-"""Benchmark (issue 13): the quality cost of each speed setting vs the default sampler, on held-out in-vivo-like maps.
+"""Benchmark (issue 13): the quality cost of each speed setting vs DPM-Solver++ K = 10 from the flow start (the
+default sampler when it was measured; now `--start flow --sampler dpmpp`), on held-out in-vivo-like maps.
 
 Run: OMP_NUM_THREADS=2 .venv/bin/python -m bench.speed_quality [--maps 24] [--out bench/speed_quality.json]
 Maps as bench/invivo_kinds.py derives them (held-out patients of a kind, full slices, training's derivation),
 evenly spread over the available maps. Every setting runs on the same maps with the same seed; SSIM and PSNR are
-taken against the ground truth on the whole map (as published) and compared to the default (DPM-Solver++ K = 10,
-fp32) map by map: the mean paired difference and its standard error. A setting is kept as a default only if its
+taken against the ground truth on the whole map (as published) and compared to that reference (DPM-Solver++
+K = 10 from the flow, fp32) map by map: the mean paired difference and its standard error. A setting is kept as a default only if its
 SSIM cost (default − setting) is ≤ 0.002 (issue 13).
 """
 from __future__ import annotations
