@@ -183,10 +183,11 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
     nfe, calls = 0, 0
     precision = choose_precision(device, "bf16" if opts.bf16 else opts.precision)
     max_batch = auto_batch(device, opts.max_batch, n1 * n2)
-    chain_start_limit = int(model.config.diffusion.t_trunc)  # the flow's index: no chain starts above it
+    flow_index = int(model.config.diffusion.t_trunc)  # the flow's index Ttrunc: no chain starts above it
+    chain_start = opts.chain_start(flow_index)
     if len(active):
         gen = make_generator(device, opts.seed)
-        kw = dict(opts.sample_kwargs(chain_start_limit), generator=gen, max_batch=max_batch)
+        kw = dict(opts.sample_kwargs(flow_index), generator=gen, max_batch=max_batch)
         sub = cond[active].to(device)
         if opts.data_consistency > 0:
             # Real images: keep only the Hermitian-paired (odd) block per axis; an even block's edge line has
@@ -219,7 +220,6 @@ def super_resolve(lr, t1=None, flair=None, mask=None, *, model, options: SuperRe
 
     to_units = norm[:, None, None]
     sr = to_volume(mean[:, 0].numpy() * to_units)
-    chain_start = opts.chain_start(chain_start_limit)
     calibration = describe_calibration(getattr(model, "uncertainty_calibration", None), float(s_cond), opts.samples,
                                        sampler=opts.sampler, steps=opts.steps, tau_f=opts.tau_f, tau_d=opts.tau_d,
                                        start=opts.start, t_trunc=chain_start)

@@ -96,6 +96,9 @@ def _validate_options(model, sampler, start, t_trunc, steps, tau_d, tau_f, n_sam
     elif t_trunc is None:
         t_trunc = model.config.diffusion.t_trunc
     flow_index = int(model.config.diffusion.t_trunc)
+    if start == "flow" and t_trunc != flow_index:  # a flow draw exists at its own index only
+        raise ValueError(f"a flow start begins at the flow's index Ttrunc = {flow_index}, got t_trunc {t_trunc!r}; "
+                         "use start='renoised' for a chain from a lower index")
     if start == "renoised" and (not is_int(t_trunc) or not 1 <= t_trunc <= flow_index):
         raise ValueError(f"a re-noised start needs an integer index in [1, {flow_index}] (the flow's), "
                          f"got {t_trunc!r}")

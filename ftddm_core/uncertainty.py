@@ -96,6 +96,11 @@ def fit_std_scale(errors: np.ndarray, stds: np.ndarray) -> float:
     return float(np.sqrt(np.mean(e ** 2)) / mean_std)
 
 
+def scale_of(cal: UncertaintyCalibration | None, factor: float | None, samples: int | None = None) -> float:
+    """The factor the uncertainty map is the std times: c(s, n) of the model's calibration, 1 without one."""
+    return 1.0 if cal is None else cal.scale_for(factor, samples)
+
+
 def describe(cal: UncertaintyCalibration | None, factor: float | None = None, samples: int | None = None,
              **settings: Any) -> dict[str, Any]:
     """What run.json records about the uncertainty map's scale for a run at upscaling factor s (``factor``) with
@@ -104,13 +109,13 @@ def describe(cal: UncertaintyCalibration | None, factor: float | None = None, sa
         return {"scale": 1.0, "calibrated": False, "note": "the model file has no uncertainty calibration: the "
                 "map is the raw standard deviation of the samples"}
     scale = cal.scale_for(factor, samples)
-    how = []
+    parts = []
     if factor is not None and len(cal.per_factor) >= 2:
         fits = ", ".join(f"s = {k}: {v:g}" for k, v in sorted(cal.per_factor.items(), key=lambda kv: float(kv[0])))
-        how.append(f"at s = {factor:g}, linear in log s between the per-factor fits {fits}")
+        parts.append(f"at s = {factor:g}, linear in log s between the per-factor fits {fits}")
     if samples is not None and samples >= 2 and samples != cal.samples:
-        how.append(f"× c4({cal.samples}) / c4({samples}) for {samples} samples instead of the fit's {cal.samples}")
-    how = f" ({'; '.join(how)})" if how else ""
+        parts.append(f"× c4({cal.samples}) / c4({samples}) for {samples} samples instead of the fit's {cal.samples}")
+    how = f" ({'; '.join(parts)})" if parts else ""
     note = (f"standard deviation of the samples × {scale:.3g}{how}, fitted on {cal.fitted_on} so that RMSE = "
             "mean uncertainty inside the mask")
     if not cal.matches(**settings):

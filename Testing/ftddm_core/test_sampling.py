@@ -469,6 +469,10 @@ def test_flow_start_is_at_exactly_t_trunc_and_counts_are_reported():
     # not per chain)
     assert result.nfe == 6 and len(model.unet.calls) == 12 and model.encoded == 3
     assert result.network_calls == 12 + 1
+    # the flow draws x at its own index only: another start index is refused, not silently mislabelled
+    assert sample_ftddm(model, cond, 4.0, sampler="dpmpp", steps=5, t_trunc=37).nfe == 6
+    with pytest.raises(ValueError, match="flow's index Ttrunc = 37, got t_trunc 20.*renoised"):
+        sample_ftddm(model, cond, 4.0, sampler="dpmpp", steps=5, t_trunc=20)
 
 
 @pytest.mark.parametrize("sampler,first_t", [("respaced", 999), ("dpmpp", 995), ("dpmpp-sde", 995)])

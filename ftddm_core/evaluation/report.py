@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__, figures
 from ..atomic import atomic_write_text
+from ..uncertainty import scale_of
 from .maps import METRICS, MODEL_UNITS, ScaleData
 from .markdown import report_markdown
 from .methods import HEADLINE_DDPM, MODEL_ROLES, NFE_FACTOR, REFERENCE, SSIM_MARGIN, RunSpec, parameters_of
@@ -169,8 +170,7 @@ def _panel_columns(ctx: ReportContext, s: float) -> list[tuple[str, np.ndarray, 
             cols.append((_short(ctx.methods[name].label), ctx.result(name, s)["mean"][i], "map"))
     if REFERENCE in ctx.methods:
         ref = ctx.result(REFERENCE, s)
-        fitted = ctx.models["main"].model.uncertainty_calibration
-        c = fitted.scale_for(s, ref["samples"]) if fitted is not None else 1.0
+        c = scale_of(ctx.models["main"].model.uncertainty_calibration, s, ref["samples"])
         cols.append(("FTDDM − GT", ref["mean"][i] - d.gt[i], "error"))
         cols.append((f"FTDDM uncertainty\n({c:.3g} × std, {ref['samples']} samples)", c * ref["std"][i],
                      "uncertainty"))

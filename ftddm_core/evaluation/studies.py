@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .. import figures
+from ..uncertainty import scale_of
 from . import prose
 from .maps import MODEL_UNITS
 from .methods import HEADLINE_DDPM, REFERENCE, RunSpec
@@ -221,7 +222,7 @@ class CalibrationStudy(Study):
             err = np.abs(res["mean"] - d.gt)[d.mask]
             rows.append({"scale": s, "method": self.spec.name, "samples": res["samples"],
                          **calibration(err, res["std"][d.mask]),
-                         "calibration_scale": fitted.scale_for(s, res["samples"]) if fitted is not None else 1.0})
+                         "calibration_scale": scale_of(fitted, s, res["samples"])})
         notes = [prose.CALIBRATION_FITTED.format(fitted_on=fitted.fitted_on, samples=fitted.samples)
                  if fitted is not None else prose.CALIBRATION_NONE]
         return rows, notes
